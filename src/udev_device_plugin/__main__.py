@@ -1,0 +1,5 @@
+"""``python -m udev_device_plugin``."""
+
+from .cli import main
+
+main()
