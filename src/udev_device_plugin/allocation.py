@@ -1,0 +1,132 @@
+"""What to answer the kubelet's Allocate and GetPreferredAllocation: pure functions."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .config import ResourceConfig
+from .model import Device, natural_key
+
+
+class AllocationError(Exception):
+    """A request we refuse; ``kind`` is ``unknown`` (INVALID_ARGUMENT) or ``unhealthy`` (FAILED_PRECONDITION)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    host_path: str
+    container_path: str
+    permissions: str
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    host_path: str
+    container_path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class ContainerAllocation:
+    devices: Tuple[DeviceNode, ...]
+    mounts: Tuple[MountSpec, ...]
+    envs: Tuple[Tuple[str, str], ...]
+    annotations: Tuple[Tuple[str, str], ...]
+
+
+def check_ids(resource: str, devices: Mapping[str, Device], ids: Sequence[str]) -> List[Device]:
+    """The devices for ``ids``; refuse the whole request on the first unknown, then unhealthy, ID."""
+    if not ids:
+        raise AllocationError("unknown", f"{resource}: the request names no device")
+    unknown = [i for i in ids if i not in devices]
+    if unknown:
+        raise AllocationError("unknown", f"{resource}: unknown device ID(s) {', '.join(map(repr, unknown))}")
+    sick = [i for i in ids if not devices[i].healthy]
+    if sick:
+        reasons = "; ".join(f"{i!r}: {devices[i].reason or 'unhealthy'}" for i in sick)
+        raise AllocationError("unhealthy", f"{resource}: device(s) not healthy: {reasons}")
+    return [devices[i] for i in dict.fromkeys(ids)]
+
+
+def allocate(res: ResourceConfig, devices: Mapping[str, Device], ids: Sequence[str]) -> ContainerAllocation:
+    """The answer for one ContainerAllocateRequest: device nodes, mounts, env and annotations."""
+    chosen = check_ids(res.name, devices, ids)
+    nodes: List[DeviceNode] = []
+    seen = set()
+    for dev in chosen:
+        for node in dev.devnodes:
+            if node in seen:
+                continue
+            seen.add(node)
+            nodes.append(DeviceNode(node, _container_path(res, dev, node), res.permissions))
+    for node in res.extra_devnodes:
+        if node not in seen:
+            seen.add(node)
+            nodes.append(DeviceNode(node, _container_path(res, None, node), res.permissions))
+    values = {
+        "ids": ",".join(d.id for d in chosen),
+        "devnodes": ",".join(n.host_path for n in nodes),
+        "count": str(len(chosen)),
+        "resource": res.name,
+    }
+    mounts = tuple(MountSpec(os.path.normpath(m.host_path.render(values)),
+                             os.path.normpath(m.container_path.render(values)), m.read_only)
+                   for m in res.mounts)
+    envs = tuple((k, t.render(values)) for k, t in res.env)
+    annotations = tuple((k, t.render(values)) for k, t in res.annotations)
+    return ContainerAllocation(tuple(nodes), mounts, envs, annotations)
+
+
+def _container_path(res: ResourceConfig, dev: Optional[Device], node: str) -> str:
+    values = {
+        "devnode": node,
+        "name": node[len("/dev/"):] if node.startswith("/dev/") else os.path.basename(node),
+        "id": dev.id if dev else "",
+        "sys_name": dev.sys_name if dev else "",
+        "resource": res.name,
+    }
+    return os.path.normpath(res.container_path.render(values))
+
+
+def preferred(devices: Mapping[str, Device], available: Sequence[str], must_include: Sequence[str],
+              size: int) -> List[str]:
+    """Choose ``size`` IDs from ``available``: ``must_include`` first, then NUMA-aligned ones.
+
+    With devices already chosen, candidates on their NUMA nodes come first; otherwise
+    the NUMA node with the most free candidates is filled first, then the next. Ties
+    and order within a node follow the natural order of the IDs, so the answer is
+    deterministic. Fewer than ``size`` are returned only when ``available`` is short.
+    """
+    avail = list(dict.fromkeys(available))
+    avail_set = set(avail)
+    result = [i for i in dict.fromkeys(must_include) if i in avail_set][:max(size, 0)]
+    if len(result) >= size:
+        return result
+    taken = set(result)
+    candidates = sorted((i for i in avail if i not in taken), key=natural_key)
+
+    def nodes_of(i: str) -> Tuple[int, ...]:
+        dev = devices.get(i)
+        return dev.numa_nodes if dev else ()
+
+    free_per_node: Counter = Counter(n for i in candidates for n in nodes_of(i))
+    anchor = {n for i in result for n in nodes_of(i)}
+    # Rank NUMA nodes: those of already-chosen devices, then by most free, then lowest number.
+    node_rank: Dict[int, Tuple[int, int, int]] = {
+        n: (0 if n in anchor else 1, -count, n) for n, count in free_per_node.items()
+    }
+
+    def rank(i: str) -> Tuple[Tuple[int, int, int], List[object]]:
+        ranks = [node_rank[n] for n in nodes_of(i)]
+        # Devices without NUMA information come after every NUMA-local one.
+        return (min(ranks) if ranks else (2, 0, 0)), natural_key(i)
+
+    candidates.sort(key=rank)
+    return result + candidates[:size - len(result)]

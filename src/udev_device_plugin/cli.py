@@ -1,0 +1,167 @@
+"""The ``udev-device-plugin`` command: parse options, call the daemon, map errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+
+# gRPC's core logs connection chatter at INFO on stderr; our own log says what matters.
+# Must be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import json  # noqa: E402
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import click
+import grpc
+
+from . import __version__, config, demo, inspection
+from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
+from .kubelet import SOCKET_PREFIX
+
+DEFAULT_CONFIG = config.DEFAULT_CONFIG
+EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example.conf")
+
+_config_option = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+                              help="Main config file; drop-ins are read from conf.d/ beside it.")
+
+
+def _load_or_exit(path: str, dropins: Optional[List[str]] = None) -> config.Config:
+    try:
+        if dropins:
+            return config.parse(_read(path, dropins))
+        return config.load(path)
+    except config.ConfigError as exc:
+        for message in exc.messages:
+            click.echo(message, err=True)
+        click.echo(f"invalid configuration: {len(exc.messages)} error(s)", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _read(path: str, dropins: List[str]) -> List[Any]:
+    """The main file, its conf.d drop-ins except those named like a candidate, then the candidates."""
+    names = {os.path.basename(d) for d in dropins}
+    files = [f for f in config.config_files(path) if f == path or os.path.basename(f) not in names]
+    out = []
+    errors = []
+    for name in files + list(dropins):
+        try:
+            with open(name, encoding="utf-8") as f:
+                out.append((name, f.read()))
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{name}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+    if errors:
+        raise config.ConfigError(errors)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="udev-device-plugin")
+def main() -> None:
+    """Advertise udev-selected host devices to the kubelet (device plugin API v1beta1)."""
+
+
+@main.command("serve")
+@_config_option
+@click.option("--kubelet-dir", default=None, help="Overrides [plugin] kubelet_dir.")
+def serve_cmd(config_path: str, kubelet_dir: Optional[str]) -> None:
+    """Run the daemon in the foreground."""
+    sys.exit(serve(config_path, kubelet_dir))
+
+
+@main.command("check-config")
+@_config_option
+@click.option("--dropin", "dropins", multiple=True, metavar="FILE",
+              help="Check FILE as if it were in conf.d/ (replacing a drop-in of the same name). Repeatable.")
+def check_config(config_path: str, dropins: List[str]) -> None:
+    """Validate the configuration; exit 0 when valid, 78 with every problem otherwise."""
+    cfg = _load_or_exit(config_path, list(dropins))
+    click.echo(f"configuration valid: {len(cfg.resources)} resource(s) from {len(cfg.sources)} file(s)")
+    for res in cfg.resources:
+        click.echo(f"  {res.name} ({res.source})")
+
+
+@main.command("list")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(config_path: str, as_json: bool) -> None:
+    """Show what would be advertised now: resource, ID, device nodes, NUMA, health."""
+    cfg = _load_or_exit(config_path)
+    rows = inspection.discover(cfg)
+    if as_json:
+        click.echo(json.dumps({"resources": rows}, indent=2))
+        return
+    for res in rows:
+        click.echo(f"{res['resource']}: {len(res['devices'])} device(s)")
+        for dev in res["devices"]:
+            click.echo("  " + inspection.device_line(dev))
+        for problem in res["problems"]:
+            click.echo(f"  ! {problem}")
+
+
+@main.command("inspect")
+@_config_option
+@click.option("--kubelet-dir", default=None, help="Where the daemon's sockets are (default: from the config).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each socket to answer.")
+def inspect_cmd(config_path: str, kubelet_dir: Optional[str], as_json: bool, timeout: float) -> None:
+    """Connect to the running daemon's sockets as the kubelet would and show what it serves."""
+    if kubelet_dir is None:
+        kubelet_dir = _load_or_exit(config_path).plugin.kubelet_dir
+    report = inspection.inspect(kubelet_dir, timeout)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        inspection.print_inspect(report, click.echo)
+    if not report["resources"]:
+        click.echo(f"no udev-device-plugin socket answers in {kubelet_dir}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command("kubelet-stand-in")
+@click.option("--kubelet-dir", required=True, help="Directory to serve kubelet.sock in.")
+@click.option("--state-file", default=None, help="Write the stand-in's view as JSON here on every change.")
+def standin_cmd(kubelet_dir: str, state_file: Optional[str]) -> None:
+    """A stand-in kubelet for machines without one. SIGHUP restarts it as a kubelet restart would."""
+    from .standin import StandInKubelet
+
+    inspection.setup_plain_logging()
+    kubelet = StandInKubelet(kubelet_dir, state_file).start()
+    stop = threading.Event()
+    restart = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        (restart if signum == signal.SIGHUP else stop).set()
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    click.echo(f"stand-in kubelet serving {kubelet.socket}", err=True)
+    try:
+        while not stop.is_set():
+            stop.wait(3600) if not restart.is_set() else None
+            if restart.is_set():
+                restart.clear()
+                kubelet.restart()
+                click.echo("stand-in kubelet restarted", err=True)
+    finally:
+        kubelet.stop()
+
+
+@main.command("demo")
+@click.option("--config", "config_path", default=EXAMPLE_CONFIG, show_default=True,
+              help="Config to serve (default: the shipped example that matches on any Linux machine).")
+def demo_cmd(config_path: str) -> None:
+    """Run the daemon against a stand-in kubelet in a temporary directory and show what a kubelet sees."""
+    _load_or_exit(config_path)
+    with tempfile.TemporaryDirectory(prefix="udev-device-plugin-demo-") as tmp:
+        sys.exit(demo.run_demo(config_path, os.path.join(tmp, "device-plugins"), click.echo))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,49 @@
+"""Run the admin's prestart and health commands: no shell, a timeout, the whole process group killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+# Keep what the command prints in a message short enough for a log line.
+_TAIL = 300
+
+
+@dataclass(frozen=True)
+class Result:
+    ok: bool
+    timed_out: bool
+    detail: str
+
+
+def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Result:
+    """Run ``argv`` with ``env`` added to a minimal environment; ok is exit status 0."""
+    full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+    full_env.update(env)
+    try:
+        proc = subprocess.Popen(list(argv), env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+    except OSError as exc:
+        return Result(False, False, f"cannot run {argv[0]}: {exc.strerror}")
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        return Result(False, True, f"{argv[0]} did not finish within {timeout:g} s")
+    text = out.decode("utf-8", "replace").strip().replace("\n", " | ")[-_TAIL:]
+    if proc.returncode == 0:
+        return Result(True, False, text)
+    status = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+              else f"exit status {proc.returncode}")
+    return Result(False, False, f"{argv[0]} failed with {status}" + (f": {text}" if text else ""))
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

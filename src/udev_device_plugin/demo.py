@@ -1,0 +1,87 @@
+"""README's first command: the real daemon, as a subprocess, against a stand-in kubelet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from . import config
+from .standin import StandInKubelet
+
+Echo = Callable[[str], None]
+
+
+def run_demo(config_path: str, kubelet_dir: str, echo: Echo) -> int:
+    cfg = config.load(config_path)
+    names = [r.name for r in cfg.resources]
+    echo(f"== stand-in kubelet on {kubelet_dir}/kubelet.sock")
+    kubelet = StandInKubelet(kubelet_dir).start()
+    cmd = [sys.executable, "-m", "udev_device_plugin", "serve", "--config", config_path,
+           "--kubelet-dir", kubelet_dir]
+    echo("== starting: " + " ".join(cmd))
+    started = time.monotonic()
+    daemon = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        if not kubelet.wait_for(lambda: all(n in kubelet.devices for n in names), timeout=30):
+            echo("!! the daemon did not register every resource within 30 s; its log:")
+            daemon.terminate()
+            echo(daemon.communicate(timeout=10)[1])
+            return 1
+        echo(f"== registered {len(names)} resource(s) in {(time.monotonic() - started) * 1000:.0f} ms "
+             "(process start included)")
+        for reg in kubelet.registrations:
+            echo(f"  Register: resource={reg['resource']} endpoint={reg['endpoint']}")
+        echo("== what the kubelet sees (ListAndWatch): capacity / allocatable, devices")
+        for name in names:
+            opts = kubelet.client(name).options
+            echo(f"  {name}: {kubelet.capacity(name)} / {kubelet.allocatable(name)}"
+                 f"  (preferred allocation: {bool(opts and opts.get_preferred_allocation_available)},"
+                 f" prestart: {bool(opts and opts.pre_start_required)})")
+            for dev in sorted(kubelet.devices[name].values(), key=lambda d: d["id"]):
+                numa = ",".join(map(str, dev["numa_nodes"])) or "none"
+                echo(f"    {dev['id']:<12} {dev['health']:<9} NUMA {numa}")
+        target = next((n for n in names if kubelet.allocatable(n)), None)
+        if target is not None:
+            healthy = sorted(d["id"] for d in kubelet.devices[target].values() if d["health"] == "Healthy")
+            want = min(2, len(healthy))
+            chosen = kubelet.preferred(target, healthy, [], want)
+            echo(f"== GetPreferredAllocation({target}, {want} of {healthy}) -> {chosen}")
+            answer = kubelet.allocate(target, chosen).container_responses[0]
+            echo(f"== Allocate({target}, {chosen}):")
+            for spec in answer.devices:
+                echo(f"    device {spec.host_path} -> {spec.container_path} ({spec.permissions})")
+            for mount in answer.mounts:
+                echo(f"    mount {mount.host_path} -> {mount.container_path}{' ro' if mount.read_only else ''}")
+            for key, value in sorted(answer.envs.items()):
+                echo(f"    env {key}={value}")
+            for key, value in sorted(answer.annotations.items()):
+                echo(f"    annotation {key}={value}")
+        echo("== restarting the stand-in kubelet (it deletes every socket, as a kubelet does)")
+        before = len(kubelet.registrations)
+        kubelet.stop()
+        t0 = time.monotonic()
+        kubelet.start()
+        if kubelet.wait_for(lambda: len(kubelet.registrations) >= before + len(names), timeout=10):
+            echo(f"  every resource registered again {(time.monotonic() - t0) * 1000:.1f} ms after the new "
+                 "kubelet.sock appeared")
+        else:
+            echo("!! the daemon did not register again within 10 s")
+            return 1
+        echo("== stopping the daemon (SIGTERM)")
+        daemon.send_signal(signal.SIGTERM)
+        _, log = daemon.communicate(timeout=10)
+        left = [n for n in os.listdir(kubelet_dir) if n != "kubelet.sock"]
+        echo(f"  exit status {daemon.returncode}; sockets left behind: {left or 'none'}")
+        echo("== the daemon's log")
+        for line in log.splitlines():
+            echo("  | " + line)
+        return 0 if daemon.returncode == 0 else 1
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        kubelet.stop()

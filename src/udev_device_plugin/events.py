@@ -1,0 +1,134 @@
+"""Device events for the admin: one journal entry per transition, with structured fields.
+
+With journald running, entries go over its native protocol (a datagram of
+``KEY=value`` lines on /run/systemd/journal/socket); otherwise a readable line on
+stderr.  Query them with ``journalctl SYSLOG_IDENTIFIER=udev-device-plugin HEALTH=Unhealthy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import IO, Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "udev-device-plugin"
+
+# Fixed per event kind, so `journalctl MESSAGE_ID=...` finds every occurrence.
+MESSAGE_IDS = {
+    "added": "ae55706b3807494abdfb8ddeedab6bc8",
+    "removed": "7ee66d2b5c8a4f33b92a3263d5f3fe7c",
+    "unhealthy": "a270d599b26f48e7a0f26dcaf809d7d3",
+    "recovered": "ae3cb32e9a704e8b8b3d040f5a8b23d8",
+    "registered": "6aa40bf482854e7eaafe4d045295bdcc",
+    "registration_failed": "54c11eed21dc414aa66cab3f09f119b7",
+}
+
+# syslog priorities
+WARNING, NOTICE, INFO = 4, 5, 6
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    resource: str
+    message: str
+    priority: int = INFO
+    device_id: str = ""
+    devnodes: Tuple[str, ...] = ()
+    health: str = ""
+    reason: str = ""
+
+    def fields(self) -> List[Tuple[str, str]]:
+        out = [
+            ("MESSAGE", self.message),
+            ("MESSAGE_ID", MESSAGE_IDS[self.kind]),
+            ("PRIORITY", str(self.priority)),
+            ("SYSLOG_IDENTIFIER", IDENTIFIER),
+            ("EVENT", self.kind.upper()),
+            ("RESOURCE", self.resource),
+        ]
+        if self.device_id:
+            out.append(("DEVICE_ID", self.device_id))
+        # One DEVNODE field per node: the journal keeps repeated fields, and
+        # `journalctl DEVNODE=/dev/x` matches any of them.
+        out.extend(("DEVNODE", node) for node in self.devnodes)
+        for key, value in (("HEALTH", self.health), ("REASON", self.reason)):
+            if value:
+                out.append((key, value))
+        return out
+
+
+def encode(fields: List[Tuple[str, str]]) -> bytes:
+    """The journal's native wire format: ``KEY=value\\n``, or for values with a newline
+    ``KEY\\n`` + 64-bit little-endian length + value + ``\\n``."""
+    parts = []
+    for key, value in fields:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            parts.append(key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(key.encode() + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+class JournalSink:
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._sock.sendto(encode(event.fields()), self.path)
+        except OSError as exc:
+            # Never lose the event: fall back to the log (stderr, which journald also collects).
+            log.warning("journal unreachable (%s): %s", exc.strerror, event.message)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class StderrSink:
+    def __init__(self, stream: Optional[IO[str]] = None) -> None:
+        self.stream = stream
+
+    def emit(self, event: Event) -> None:
+        extra = " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k, v in event.fields()[4:])
+        stream = self.stream or sys.stderr
+        stream.write(f"{event.message} [{extra}]\n")
+        stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def make_sink(mode: str, journal_socket: str = JOURNAL_SOCKET) -> "JournalSink | StderrSink":
+    if mode == "journal" or (mode == "auto" and os.path.exists(journal_socket)):
+        return JournalSink(journal_socket)
+    return StderrSink()
+
+
+def devices_event(kind: str, resource: str, device_id: str, devnodes: Tuple[str, ...], health: str,
+                  reason: str, extra: str = "") -> Event:
+    """The event for one device transition, with a message an admin can read alone."""
+    node = devnodes[0] if devnodes else ""
+    where = f" ({node})" if node else ""
+    text: Dict[str, Tuple[str, int]] = {
+        "added": (f"{resource}: device {device_id}{where} added, {health}", INFO),
+        "removed": (f"{resource}: device {device_id}{where} removed", NOTICE),
+        "unhealthy": (f"{resource}: device {device_id}{where} became unhealthy: {reason}", WARNING),
+        "recovered": (f"{resource}: device {device_id}{where} recovered", NOTICE),
+    }
+    message, priority = text[kind]
+    if extra:
+        message += f"; {extra}"
+        priority = min(priority, WARNING)
+    if kind == "added" and reason:
+        message += f": {reason}"
+    return Event(kind, resource, message, priority, device_id, tuple(devnodes), health, reason)

@@ -1,0 +1,119 @@
+"""What ``list`` and ``inspect`` show: plain dicts, printed as text or JSON."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import Any, Callable, Dict, List
+
+import grpc
+
+from . import commands, config
+from .api import deviceplugin_pb2 as api
+from .api import deviceplugin_pb2_grpc as api_grpc
+from .api import status_pb2, status_pb2_grpc
+from .kubelet import SOCKET_PREFIX
+
+
+def setup_plain_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def discover(cfg: config.Config) -> List[Dict[str, Any]]:
+    """Scan every resource as the daemon would, health_command included."""
+    import pyudev
+
+    from . import discovery
+
+    context = pyudev.Context()
+    rows = []
+    for res in cfg.resources:
+        devices, problems = discovery.scan_resource(context, res)
+        out = []
+        for dev in devices.values():
+            health, reason = dev.health, dev.reason
+            if dev.healthy and res.health_command:
+                result = commands.run(res.health_command + (dev.id,), {
+                    "UDP_RESOURCE": res.name, "UDP_DEVICE_ID": dev.id,
+                    "UDP_DEVNODES": " ".join(dev.devnodes), "UDP_SYSPATH": dev.sys_path}, res.health_timeout)
+                if not result.ok:
+                    health, reason = "Unhealthy", f"health_command: {result.detail}"
+            out.append({"id": dev.id, "devnodes": list(dev.devnodes), "numa_nodes": list(dev.numa_nodes),
+                        "health": health, "reason": reason, "syspath": dev.sys_path})
+        rows.append({"resource": res.name, "devices": out, "problems": problems})
+    return rows
+
+
+def device_line(dev: Dict[str, Any]) -> str:
+    numa = ",".join(map(str, dev["numa_nodes"])) or "-"
+    line = f"{dev['id']:<16} {dev['health']:<9} numa={numa:<3} {' '.join(dev['devnodes']) or '(no device node)'}"
+    if dev.get("reason"):
+        line += f"  ({dev['reason']})"
+    return line
+
+
+def our_sockets(kubelet_dir: str) -> List[str]:
+    try:
+        names = sorted(os.listdir(kubelet_dir))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(kubelet_dir, name)
+        try:
+            if name.startswith(SOCKET_PREFIX) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                out.append(path)
+        except OSError:
+            continue
+    return out
+
+
+def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
+    """Ask each of our sockets, as the kubelet would, for its options and device list."""
+    report: Dict[str, Any] = {"kubelet_dir": kubelet_dir, "resources": [], "unanswered": []}
+    for path in our_sockets(kubelet_dir):
+        channel = grpc.insecure_channel("unix:" + path)
+        try:
+            stub = api_grpc.DevicePluginStub(channel)
+            options = stub.GetDevicePluginOptions(api.Empty(), timeout=timeout)
+            status = status_pb2_grpc.StatusStub(channel).GetStatus(status_pb2.StatusRequest(), timeout=timeout)
+            stream = stub.ListAndWatch(api.Empty(), timeout=timeout)
+            first = next(iter(stream))
+            stream.cancel()
+        except (grpc.RpcError, StopIteration) as exc:
+            report["unanswered"].append({"socket": path, "error": str(getattr(exc, "details", lambda: exc)())})
+            continue
+        finally:
+            channel.close()
+        health = {d.id: d for d in status.devices}
+        report["resources"].append({
+            "resource": status.resource_name,
+            "socket": path,
+            "registered": status.registered,
+            "last_error": status.last_error,
+            "registrations": status.registrations,
+            "pid": status.pid,
+            "version": status.version,
+            "options": {"pre_start_required": options.pre_start_required,
+                        "get_preferred_allocation_available": options.get_preferred_allocation_available},
+            "devices": [{
+                "id": d.ID, "health": d.health, "numa_nodes": [n.ID for n in d.topology.nodes],
+                "reason": health[d.ID].reason if d.ID in health else "",
+                "devnodes": list(health[d.ID].devnodes) if d.ID in health else [],
+            } for d in first.devices],
+        })
+    return report
+
+
+def print_inspect(report: Dict[str, Any], echo: Callable[[str], None]) -> None:
+    for res in report["resources"]:
+        state = "registered" if res["registered"] else f"NOT registered ({res['last_error'] or 'pending'})"
+        opts = res["options"]
+        echo(f"{res['resource']}: {state}; pid {res['pid']}; socket {res['socket']}")
+        echo(f"  options: pre_start_required={opts['pre_start_required']} "
+             f"get_preferred_allocation_available={opts['get_preferred_allocation_available']}")
+        for dev in res["devices"]:
+            echo("  " + device_line(dev))
+    for item in report["unanswered"]:
+        echo(f"{item['socket']}: no answer ({item['error']})")
