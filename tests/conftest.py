@@ -1,0 +1,172 @@
+"""Shared fixtures: a stand-in kubelet on a real UNIX socket under tmp_path, the real daemon as a
+subprocess, a NOTIFY_SOCKET listener, and a check that no test leaks threads or child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterator, List, Optional
+
+import pytest
+
+from udev_device_plugin.standin import StandInKubelet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@pytest.fixture
+def kubelet_dir(tmp_path) -> str:
+    # Short: UNIX socket paths are limited to 107 bytes.
+    path = tmp_path / "dp"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def kubelet(kubelet_dir) -> Iterator[StandInKubelet]:
+    k = StandInKubelet(kubelet_dir).start()
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
+class Notifications:
+    """A NOTIFY_SOCKET of our own: records every sd_notify datagram."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.05)
+        self.messages: List[str] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append(data.decode())
+
+    def lines(self) -> List[str]:
+        return [line for m in list(self.messages) for line in m.splitlines()]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notifications(tmp_path) -> Iterator[Notifications]:
+    n = Notifications(str(tmp_path / "notify.sock"))
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+class DaemonProcess:
+    """``udev-device-plugin serve`` as a real subprocess."""
+
+    def __init__(self, config_path: str, kubelet_dir: str, env: Optional[dict] = None,
+                 wrapper: Optional[List[str]] = None) -> None:
+        full_env = dict(os.environ)
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.pop("WATCHDOG_USEC", None)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        self.cmd = (wrapper or []) + [sys.executable, "-m", "udev_device_plugin", "serve", "--config", config_path,
+                                      "--kubelet-dir", kubelet_dir]
+        self.log_path = os.path.join(os.path.dirname(config_path), "daemon.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path, kubelet_dir) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start the daemon with a config text; every daemon is stopped (and must exit 0) at teardown."""
+    started: List[DaemonProcess] = []
+
+    def start(config_text: str, env: Optional[dict] = None, directory: Optional[str] = None,
+              wrapper: Optional[List[str]] = None) -> DaemonProcess:
+        conf_dir = tmp_path / f"etc{len(started)}"
+        conf_dir.mkdir()
+        path = conf_dir / "udev-device-plugin.conf"
+        path.write_text(config_text)
+        d = DaemonProcess(str(path), directory or kubelet_dir, env, wrapper)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            code = d.stop()
+            assert code == 0, f"daemon exited {code} on SIGTERM; log:\n{d.log()}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves threads or child processes behind."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
+                 and not t.name.startswith(("ThreadPoolExecutor", "grpc"))]
+        children = _children()
+        if not extra and not children:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"test leaked threads {[t.name for t in extra]} / child processes {children}")
+        time.sleep(0.02)
+
+
+def _children() -> List[int]:
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
