@@ -11,19 +11,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import json  # noqa: E402
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import click
-import grpc
 
 from . import __version__, config, demo, inspection
 from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
-from .kubelet import SOCKET_PREFIX
 
 DEFAULT_CONFIG = config.DEFAULT_CONFIG
 EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example.conf")

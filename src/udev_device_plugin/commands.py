@@ -42,7 +42,7 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Result:
     return Result(False, False, f"{argv[0]} failed with {status}" + (f": {text}" if text else ""))
 
 
-def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -233,7 +233,8 @@ def _command(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ..
 def _template(c: _Collector, section: str, key: str, value: str, allowed: Tuple[str, ...]) -> Template:
     for m in _TEMPLATE_VAR.finditer(value):
         if m.group(1) not in allowed:
-            c.error(section, key, value, f"unknown variable {{{m.group(1)}}}; accepted: " + " ".join(f"{{{a}}}" for a in allowed))
+            accepted = " ".join(f"{{{a}}}" for a in allowed)
+            c.error(section, key, value, f"unknown variable {{{m.group(1)}}}; accepted: {accepted}")
     stripped = _TEMPLATE_VAR.sub("", value)
     if "{" in stripped or "}" in stripped:
         c.error(section, key, value, "unbalanced brace; accepted: {variable} placeholders")
@@ -251,7 +252,8 @@ def _lines(value: str) -> List[str]:
     return [line.strip() for line in value.splitlines() if line.strip()]
 
 
-def _key_values(c: _Collector, section: str, key: str, value: str, key_re: "re.Pattern[str]", key_what: str) -> List[Tuple[str, str]]:
+def _key_values(c: _Collector, section: str, key: str, value: str, key_re: re.Pattern[str],
+                key_what: str) -> List[Tuple[str, str]]:
     pairs: List[Tuple[str, str]] = []
     seen = set()
     for line in _lines(value):

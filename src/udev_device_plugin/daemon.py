@@ -43,7 +43,7 @@ class Daemon:
                  notifier: Optional[Notifier] = None,
                  context_factory: Callable[[], pyudev.Context] = pyudev.Context,
                  monitor_factory: Optional[Callable[[pyudev.Context], HotplugMonitor]] = None,
-                 sink: Optional[object] = None,
+                 sink: Optional[events.Sink] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config_path = config_path
         self.kubelet_dir_override = kubelet_dir
@@ -53,7 +53,7 @@ class Daemon:
         self._sink_override = sink
         self.clock = clock
         self.cfg = self.load_config()  # raises ConfigError before anything is created
-        self.sink = sink or events.make_sink(self.cfg.plugin.events)
+        self.sink: events.Sink = sink or events.make_sink(self.cfg.plugin.events)
         self.states: Dict[str, ResourceState] = {}
         self.raw: Dict[str, Mapping[str, Device]] = {}
         self.problems: Set[str] = set()
@@ -61,7 +61,7 @@ class Daemon:
         self.health_due: Dict[Tuple[str, str], float] = {}
         self.health_running: Set[Tuple[str, str]] = set()
         self.health_pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health")
-        self._posted: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        self._posted: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._signals: List[int] = []
         self._stop = False
         self._ready = False
@@ -214,10 +214,17 @@ class Daemon:
             env = {"UDP_RESOURCE": name, "UDP_DEVICE_ID": dev_id, "UDP_DEVNODES": " ".join(dev.devnodes),
                    "UDP_SYSPATH": dev.sys_path}
             fut = self.health_pool.submit(commands.run, res.health_command + (dev_id,), env, res.health_timeout)
-            fut.add_done_callback(lambda f, key=key, res=res: self.post(lambda: self._health_result(key, res, f)))
+            fut.add_done_callback(self._health_done(key, res))
+
+    def _health_done(self, key: Tuple[str, str], res: config.ResourceConfig
+                     ) -> Callable[[futures.Future[commands.Result]], None]:
+        """A done-callback (pool thread) that hands the result to the main thread."""
+        def done(fut: futures.Future[commands.Result]) -> None:
+            self.post(lambda: self._health_result(key, res, fut))
+        return done
 
     def _health_result(self, key: Tuple[str, str], res: config.ResourceConfig,
-                       fut: "futures.Future[commands.Result]") -> None:
+                       fut: futures.Future[commands.Result]) -> None:
         self.health_running.discard(key)
         state = self.states.get(key[0])
         if state is None or state.config is not res or key[1] not in self.raw.get(key[0], {}):
@@ -395,7 +402,7 @@ class Daemon:
                 assert old is not None
                 old_fd = old.fileno()
                 self.reload()
-                if self.connector is not old:
+                if self.connector is not old and self.connector is not None:
                     # kubelet_dir changed: a new connector with a new inotify descriptor
                     # (possibly reusing the old number, so unregister by number first).
                     _unregister(sel, old_fd)

@@ -13,7 +13,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
-from typing import IO, Dict, List, Optional, Tuple
+from typing import IO, Dict, List, Optional, Protocol, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,13 @@ class StderrSink:
         pass
 
 
-def make_sink(mode: str, journal_socket: str = JOURNAL_SOCKET) -> "JournalSink | StderrSink":
+class Sink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_sink(mode: str, journal_socket: str = JOURNAL_SOCKET) -> Sink:
     if mode == "journal" or (mode == "auto" and os.path.exists(journal_socket)):
         return JournalSink(journal_socket)
     return StderrSink()

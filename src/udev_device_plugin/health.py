@@ -44,5 +44,5 @@ class CommandHealth:
     def forget(self, key: Hashable) -> None:
         self._states.pop(key, None)
 
-    def keys(self) -> "list[Hashable]":
+    def keys(self) -> list[Hashable]:
         return list(self._states)

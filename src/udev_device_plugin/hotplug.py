@@ -34,7 +34,7 @@ class HotplugMonitor:
         self.monitor = pyudev.Monitor.from_netlink(context, source=source)
         try:
             self.monitor.set_receive_buffer_size(RECEIVE_BUFFER)
-        except (OSError, EnvironmentError) as exc:  # needs CAP_NET_ADMIN above rmem_max
+        except OSError as exc:  # needs CAP_NET_ADMIN above rmem_max
             log.debug("cannot enlarge the udev receive buffer: %s", exc)
         self.monitor.start()
 
@@ -48,7 +48,7 @@ class HotplugMonitor:
         while True:
             try:
                 device = self.monitor.poll(timeout=0)
-            except (OSError, EnvironmentError) as exc:
+            except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     lost = True
                     continue

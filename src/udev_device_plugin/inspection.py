@@ -81,8 +81,11 @@ def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
             stream = stub.ListAndWatch(api.Empty(), timeout=timeout)
             first = next(iter(stream))
             stream.cancel()
-        except (grpc.RpcError, StopIteration) as exc:
-            report["unanswered"].append({"socket": path, "error": str(getattr(exc, "details", lambda: exc)())})
+        except grpc.RpcError as exc:
+            report["unanswered"].append({"socket": path, "error": f"{exc.code().name}: {exc.details()}"})
+            continue
+        except StopIteration:
+            report["unanswered"].append({"socket": path, "error": "ListAndWatch ended without a message"})
             continue
         finally:
             channel.close()

@@ -93,7 +93,7 @@ def socket_name(resource: str, pid: int, seq: int, kubelet_dir: str) -> str:
 class Endpoint:
     """One gRPC server on one fresh socket file, serving one resource."""
 
-    def __init__(self, plugin: "ResourcePlugin", kubelet_dir: str, name: str,
+    def __init__(self, plugin: ResourcePlugin, kubelet_dir: str, name: str,
                  executor: futures.ThreadPoolExecutor) -> None:
         self.name = name
         self.path = os.path.join(kubelet_dir, name)
@@ -282,7 +282,7 @@ class KubeletConnector:
             self._finish(plugin, attempt, endpoint, kubelet, False, f"Register could not start: {exc}")
             return
 
-        def done(fut: "grpc.Future") -> None:
+        def done(fut: grpc.Future) -> None:
             try:
                 fut.result()
                 ok, why = True, ""
@@ -290,8 +290,11 @@ class KubeletConnector:
                 ok, why = False, f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # noqa: BLE001
                 ok, why = False, str(exc)
-            # Back on the main thread: close the channel there, then record the result.
-            self.post(lambda: (channel.close(), self._finish(plugin, attempt, endpoint, kubelet, ok, why)))
+            def finish() -> None:  # back on the main thread
+                channel.close()
+                self._finish(plugin, attempt, endpoint, kubelet, ok, why)
+
+            self.post(finish)
 
         future.add_done_callback(done)
 

@@ -99,16 +99,20 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
 
         # Called when the kubelet goes away or the server stops: end the stream at once.
         context.add_callback(wake)
-        sent = -1
+        sent = [-1]  # the version last sent
         name = self.state.config.name
         log.debug("%s: ListAndWatch opened", name)
+
+        def due() -> bool:
+            return self._closed or not context.is_active() or self.state.current()[0] != sent[0]
+
         while True:
             with cond:
-                cond.wait_for(lambda: self._closed or not context.is_active() or self.state.current()[0] != sent)
+                cond.wait_for(due)
                 if self._closed or not context.is_active():
                     log.debug("%s: ListAndWatch closed", name)
                     return
-                sent, devices = self.state.current()
+                sent[0], devices = self.state.current()
             yield api.ListAndWatchResponse(devices=[device_message(d) for d in devices.values()])
 
     def GetPreferredAllocation(self, request: api.PreferredAllocationRequest,

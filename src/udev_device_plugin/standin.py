@@ -38,7 +38,7 @@ DIAL_TIMEOUT = 10.0
 class _Client:
     """The stand-in's connection to one registered plugin socket."""
 
-    def __init__(self, kubelet: "StandInKubelet", resource: str, endpoint: str) -> None:
+    def __init__(self, kubelet: StandInKubelet, resource: str, endpoint: str) -> None:
         self.kubelet = kubelet
         self.resource = resource
         self.endpoint = endpoint
@@ -97,7 +97,7 @@ class StandInKubelet:
 
     # --- lifecycle --------------------------------------------------------------
 
-    def start(self) -> "StandInKubelet":
+    def start(self) -> StandInKubelet:
         os.makedirs(self.directory, exist_ok=True)
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
@@ -141,7 +141,7 @@ class StandInKubelet:
                     dev["health"] = "Unhealthy"
         self.start()
 
-    def __enter__(self) -> "StandInKubelet":
+    def __enter__(self) -> StandInKubelet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
