@@ -1,0 +1,243 @@
+"""Core benchmark (issue 2): Allocate latency next to a bare grpcio unary call, kubelet restart ->
+re-registration, RSS, and idleness.  Prints figures; asserts nothing: these machines are noisy.
+
+Every server under test is a separate process, as on a node; the client (this process) plays
+the kubelet over real UNIX sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from typing import Callable, List, Tuple
+
+import grpc
+
+from udev_device_plugin.api import deviceplugin_pb2 as api
+from udev_device_plugin.api import deviceplugin_pb2_grpc as api_grpc
+from udev_device_plugin.standin import StandInKubelet
+
+Report = Callable[[str, float, str], None]
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "src", "udev_device_plugin", "data", "example.conf")
+MEM_ONLY = """
+[resource example.com/mem]
+subsystem = mem
+kernel = null zero full
+"""
+SEQUENTIAL_CALLS = 2000
+CONCURRENT_CALLERS = 200
+CALLS_PER_CALLER = 10
+RESTARTS = 40
+
+BARE_SERVER = r"""
+import sys, time
+from concurrent import futures
+import grpc
+sys.path.insert(0, sys.argv[2])
+from udev_device_plugin.kubelet import SERVER_OPTIONS
+def echo(request, context):
+    return request
+handler = grpc.method_handlers_generic_handler("bench.Bare", {
+    "Echo": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)})
+# The same thread pool and options as the daemon's servers.
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("unix:" + sys.argv[1])
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+"""
+
+
+def percentile(values: List[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wakeups(pid: int) -> dict:
+    """Context switches per thread (voluntary + involuntary): each is a wake-up of that thread."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            out[int(tid)] = int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+        except (OSError, KeyError):
+            continue
+    return out
+
+
+def measure(call: Callable[[], object]) -> Tuple[List[float], List[float]]:
+    """Latencies in ms: sequential, then 200 concurrent callers."""
+    for _ in range(100):
+        call()
+    seq = []
+    for _ in range(SEQUENTIAL_CALLS):
+        t0 = time.perf_counter()
+        call()
+        seq.append((time.perf_counter() - t0) * 1000)
+    conc: List[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(CONCURRENT_CALLERS)
+
+    def caller() -> None:
+        mine = []
+        start.wait()
+        for _ in range(CALLS_PER_CALLER):
+            t0 = time.perf_counter()
+            call()
+            mine.append((time.perf_counter() - t0) * 1000)
+        with lock:
+            conc.extend(mine)
+
+    with futures.ThreadPoolExecutor(CONCURRENT_CALLERS) as pool:
+        for f in [pool.submit(caller) for _ in range(CONCURRENT_CALLERS)]:
+            f.result()
+    return seq, conc
+
+
+def restarts(kubelet: StandInKubelet, resources: int) -> List[float]:
+    """Restart the stand-in RESTARTS times; ms from its start (socket dir cleared, new kubelet.sock)
+    until every resource registered again."""
+    times = []
+    for _ in range(RESTARTS):
+        count = len(kubelet.registrations)
+        kubelet.stop()
+        t0 = time.perf_counter()
+        kubelet.start()
+        if not kubelet.wait_for(lambda c=count: len(kubelet.registrations) >= c + resources, 10):
+            raise SystemExit("the daemon did not register again after a restart")
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def write_config(tmp: str, text: str) -> str:
+    path = os.path.join(tmp, "etc", "udev-device-plugin.conf")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_daemon(config_path: str, kubelet_dir: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("NOTIFY_SOCKET", None)
+    return subprocess.Popen([sys.executable, "-m", "udev_device_plugin", "serve", "--config", config_path,
+                             "--kubelet-dir", kubelet_dir], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(report: Report) -> None:
+    src = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+    with tempfile.TemporaryDirectory(prefix="udp-bench-") as tmp:
+        kubelet_dir = os.path.join(tmp, "dp")
+        os.makedirs(kubelet_dir)
+
+        # --- the bare grpcio server, for comparison ---------------------------------
+        bare_sock = os.path.join(tmp, "bare.sock")
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, bare_sock, src], stdout=subprocess.PIPE,
+                                text=True)
+        assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
+        channel = grpc.insecure_channel("unix:" + bare_sock)
+        echo = channel.unary_unary("/bench.Bare/Echo", request_serializer=None, response_deserializer=None)
+        payload = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(
+            devices_ids=["null"])]).SerializeToString()
+        bare_seq, bare_conc = measure(lambda: echo(payload, timeout=30))
+        bare_rss = rss_mib(bare.pid)
+        channel.close()
+        stop(bare)
+
+        # --- the daemon with the example config -------------------------------------
+        kubelet = StandInKubelet(kubelet_dir).start()
+        daemon = start_daemon(write_config(tmp, open(EXAMPLE).read()), kubelet_dir)
+        try:
+            names = ["example.com/mem", "example.com/loop", "example.com/kvm", "example.com/fuse"]
+            if not kubelet.wait_for(lambda: all(n in kubelet.devices for n in names), 30):
+                raise SystemExit("the daemon did not register its resources")
+            # A channel of its own, set up as the bare call's is, so the figures differ only by
+            # the server (the stand-in's own channel also carries its ListAndWatch stream).
+            alloc_channel = grpc.insecure_channel("unix:" + kubelet.client("example.com/mem").path)
+            stub = api_grpc.DevicePluginStub(alloc_channel)
+            request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])])
+            alloc_seq, alloc_conc = measure(lambda: stub.Allocate(request, timeout=30))
+            alloc_channel.close()
+            report("bare grpcio unary p50, sequential", statistics.median(bare_seq), "ms")
+            report("bare grpcio unary p99, sequential", percentile(bare_seq, 99), "ms")
+            report("Allocate p50, sequential", statistics.median(alloc_seq), "ms")
+            report("Allocate p99, sequential", percentile(alloc_seq, 99), "ms")
+            report("Allocate p99 / bare p99, sequential", percentile(alloc_seq, 99) / percentile(bare_seq, 99), "x")
+            report(f"bare grpcio unary p50, {CONCURRENT_CALLERS} concurrent", statistics.median(bare_conc), "ms")
+            report(f"bare grpcio unary p99, {CONCURRENT_CALLERS} concurrent", percentile(bare_conc, 99), "ms")
+            report(f"Allocate p50, {CONCURRENT_CALLERS} concurrent", statistics.median(alloc_conc), "ms")
+            report(f"Allocate p99, {CONCURRENT_CALLERS} concurrent", percentile(alloc_conc, 99), "ms")
+            report(f"Allocate p99 / bare p99, {CONCURRENT_CALLERS} concurrent",
+                   percentile(alloc_conc, 99) / percentile(bare_conc, 99), "x")
+
+            daemon_rss = rss_mib(daemon.pid)
+            report("bare grpcio server RSS (after the same calls)", bare_rss, "MiB")
+            report("daemon RSS, example config (4 resources)", daemon_rss, "MiB")
+            report("daemon RSS / bare server RSS", daemon_rss / bare_rss, "x")
+
+            # --- idle: no ListAndWatch message, no busy wake-ups --------------------------
+            messages = dict(kubelet.messages)
+            before = wakeups(daemon.pid)
+            idle = 5.0
+            time.sleep(idle)  # the idle window being measured, not a synchronisation
+            after = wakeups(daemon.pid)
+            report(f"ListAndWatch messages in {idle:.0f} s idle",
+                   sum(kubelet.messages.values()) - sum(messages.values()), "messages")
+            report(f"main thread wake-ups in {idle:.0f} s idle", after.get(daemon.pid, 0) - before.get(daemon.pid, 0),
+                   "wake-ups")
+            total = sum(after.get(t, 0) - before.get(t, 0) for t in after)
+            report(f"all-thread wake-ups in {idle:.0f} s idle (gRPC core timers included)", total / idle, "per s")
+
+            # --- kubelet restart -> every resource registered again ---------------------
+            times = restarts(kubelet, len(names))
+            report(f"kubelet restart -> 4 resources registered p50 ({RESTARTS} restarts)", statistics.median(times),
+                   "ms")
+            report(f"kubelet restart -> 4 resources registered p99 ({RESTARTS} restarts)", percentile(times, 99),
+                   "ms")
+        finally:
+            stop(daemon)
+            kubelet.stop()
+
+        # --- one resource: re-registration of a single socket ---------------------------
+        kubelet = StandInKubelet(kubelet_dir).start()
+        daemon = start_daemon(write_config(tmp, MEM_ONLY), kubelet_dir)
+        try:
+            if not kubelet.wait_for(lambda: "example.com/mem" in kubelet.devices, 30):
+                raise SystemExit("the daemon did not register")
+            times = restarts(kubelet, 1)
+            report(f"kubelet restart -> 1 resource registered p50 ({RESTARTS} restarts)", statistics.median(times),
+                   "ms")
+            report(f"kubelet restart -> 1 resource registered p99 ({RESTARTS} restarts)", percentile(times, 99),
+                   "ms")
+        finally:
+            stop(daemon)
+            kubelet.stop()
