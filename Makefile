@@ -37,7 +37,7 @@ demo: venv
 
 # README's second command: every test, on the newest and on the oldest supported stack,
 # then the system tests (a real systemd in a container, the RPM, the Ansible role).
-test: test-new test-old test-system
+test: lint test-new test-old test-system
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
