@@ -104,9 +104,11 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
     and order within a node follow the natural order of the IDs, so the answer is
     deterministic. Fewer than ``size`` are returned only when ``available`` is short.
     """
+    if size <= 0:
+        return []
     avail = list(dict.fromkeys(available))
     avail_set = set(avail)
-    result = [i for i in dict.fromkeys(must_include) if i in avail_set][:max(size, 0)]
+    result = [i for i in dict.fromkeys(must_include) if i in avail_set][:size]
     if len(result) >= size:
         return result
     taken = set(result)

@@ -205,7 +205,9 @@ class KubeletConnector:
         for plugin in list(self.plugins.values()):
             self._stop_endpoint(plugin)
         self.plugins.clear()
-        self.executor.shutdown(wait=True)
+        # Handlers still running (a prestart_command) must not hold up the exit; the servers
+        # are stopped, so no new call starts.
+        self.executor.shutdown(wait=False)
         self.inotify.close()
 
     # --- resources ------------------------------------------------------------
