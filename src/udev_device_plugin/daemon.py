@@ -25,7 +25,7 @@ import pyudev
 
 from . import commands, config, discovery, events
 from .health import CommandHealth
-from .hotplug import HotplugMonitor, Overflow
+from .hotplug import DevnodeWatch, HotplugMonitor, Overflow
 from .kubelet import KubeletConnector
 from .model import HEALTHY, UNHEALTHY, Device, diff
 from .notify import Notifier, watchdog_interval
@@ -73,6 +73,7 @@ class Daemon:
         self.connector: Optional[KubeletConnector] = None
         self.context: Optional[pyudev.Context] = None
         self.monitor: Optional[HotplugMonitor] = None
+        self.devnodes: Optional[DevnodeWatch] = None
 
     # --- config ---------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class Daemon:
         self.context = self.context_factory()
         # The monitor opens before the first enumeration, so nothing in between is lost.
         self.monitor = self.monitor_factory(self.context)
+        self.devnodes = DevnodeWatch()
         self.connector = self._new_connector()
         for res in self.cfg.resources:
             self._start_resource(res)
@@ -132,6 +134,7 @@ class Daemon:
             self.command_health.forget((name, dev.id))
             self.health_due.pop((name, dev.id), None)
         self.problems = {p for p in self.problems if not p.startswith(name + ":")}
+        self._watch_devnodes()
 
     # --- discovery and health -------------------------------------------------------
 
@@ -147,6 +150,28 @@ class Daemon:
         for res in resources:
             self.raw[res.name] = result.snapshot[res.name]
             self._publish(res.name)
+        self._watch_devnodes()
+
+    def _nodes_of(self, name: str) -> Set[str]:
+        state = self.states.get(name)
+        nodes = {n for dev in self.raw.get(name, {}).values() for n in dev.devnodes}
+        return nodes | set(state.config.extra_devnodes) if state else nodes
+
+    def _watch_devnodes(self) -> None:
+        if self.devnodes is not None:
+            self.devnodes.watch({n for name in self.states for n in self._nodes_of(name)})
+
+    def _handle_devnodes(self) -> None:
+        """A device node appeared or vanished outside udev's events: rescan its resources."""
+        assert self.devnodes is not None
+        paths = self.devnodes.changed()
+        if "" in paths:
+            names = sorted(self.states)
+        else:
+            names = sorted(n for n in self.states if self._nodes_of(n) & paths)
+        if names:
+            log.debug("device nodes changed: %s", ", ".join(sorted(paths)))
+            self._rescan(names)
 
     def _effective(self, name: str) -> Dict[str, Device]:
         """Rule health from the scan, overlaid with the damped health_command result."""
@@ -343,6 +368,8 @@ class Daemon:
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             sel.register(self.monitor.fileno(), selectors.EVENT_READ, "udev")
             sel.register(self.connector.fileno(), selectors.EVENT_READ, "kubelet")
+            assert self.devnodes is not None
+            sel.register(self.devnodes.fileno(), selectors.EVENT_READ, "devnodes")
             interval = watchdog_interval()
             next_ping = self.clock()
             while not self._stop:
@@ -361,6 +388,8 @@ class Daemon:
                         self._handle_udev()
                     elif key.data == "kubelet":
                         self.connector.handle_inotify()
+                    elif key.data == "devnodes":
+                        self._handle_devnodes()
                 self._run_posted()
                 self._handle_signals(sel)
                 self.connector.run_due()
@@ -416,6 +445,8 @@ class Daemon:
         if self.connector is not None:
             self.connector.close()
         self.health_pool.shutdown(wait=False, cancel_futures=True)
+        if self.devnodes is not None:
+            self.devnodes.close()
         self.sink.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional, Set
 
 import pyudev
+
+from . import inotify as ino
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,57 @@ class HotplugMonitor:
         if lost:
             raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
         return events
+
+
+class DevnodeWatch:
+    """inotify on the directories that hold our device nodes.
+
+    udev sends no event when a node is deleted or created by hand (``rm /dev/loop150``),
+    yet a device whose node vanished is unhealthy: this watch turns such changes into
+    rescan requests, still without polling.
+    """
+
+    MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_ONLYDIR
+
+    def __init__(self) -> None:
+        self.inotify = ino.Inotify()
+        self._dirs: Dict[str, int] = {}
+        self._by_wd: Dict[int, str] = {}
+
+    def fileno(self) -> int:
+        return self.inotify.fileno()
+
+    def watch(self, paths: Iterable[str]) -> None:
+        """Watch exactly the parent directories of ``paths``."""
+        wanted = {os.path.dirname(p) for p in paths if p.startswith("/")}
+        for directory in set(self._dirs) - wanted:
+            wd = self._dirs.pop(directory)
+            self._by_wd.pop(wd, None)
+            self.inotify.rm_watch(wd)
+        for directory in wanted - set(self._dirs):
+            try:
+                wd = self.inotify.add_watch(directory, self.MASK)
+            except OSError as exc:
+                # A directory that does not exist yet (/dev/accel before its driver loads):
+                # its device's add event brings a rescan, which watches it then.
+                log.debug("cannot watch %s: %s", directory, exc.strerror)
+                continue
+            self._dirs[directory] = wd
+            self._by_wd[wd] = directory
+
+    def changed(self) -> Set[str]:
+        """Paths created or removed since the last call; ``{""}`` when events were lost."""
+        out: Set[str] = set()
+        for event in self.inotify.read():
+            if event.mask & ino.IN_Q_OVERFLOW:
+                out.add("")
+            elif event.mask & ino.IN_IGNORED:
+                directory = self._by_wd.pop(event.wd, None)
+                if directory is not None:
+                    self._dirs.pop(directory, None)
+            elif event.wd in self._by_wd and event.name:
+                out.add(os.path.join(self._by_wd[event.wd], event.name))
+        return out
+
+    def close(self) -> None:
+        self.inotify.close()
