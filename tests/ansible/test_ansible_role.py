@@ -18,6 +18,7 @@ and ends with the baseline configuration applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -261,14 +262,16 @@ class Node:
         self.home = home
         self.rpms = rpms
         self.inventory = os.path.join(home, "inventory.ini")
-        self.write_inventory()
 
-    def write_inventory(self, extra_hosts: str = "") -> None:
+    def write_inventory(self, hosts: Optional[Dict[str, int]] = None) -> None:
+        """An inventory of ``name -> container PID 1`` (default: this node as node1)."""
         with open(self.inventory, "w") as f:
-            f.write("[udev_device_plugin_nodes]\n"
-                    f"node1 ansible_connection=nsenter ansible_nsenter_pid={self.ct.leader}\n" + extra_hosts)
+            f.write("[udev_device_plugin_nodes]\n")
+            for name, pid in (hosts or {"node1": self.ct.leader}).items():
+                f.write(f"{name} ansible_connection=nsenter ansible_nsenter_pid={pid}\n")
 
-    def apply(self, resources: List[Dict[str, Any]], rpm: Optional[str] = None, **more: Any) -> Run:
+    def apply(self, resources: List[Dict[str, Any]], rpm: Optional[str] = None,
+              hosts: Optional[Dict[str, int]] = None, **more: Any) -> Run:
         extra = {
             "ansible_become": False,           # root already; the container has no sudo
             "udev_device_plugin_install_method": "rpm",
@@ -281,6 +284,7 @@ class Node:
             "udev_device_plugin_verify_delay": 1,
         }
         extra.update(more)
+        self.write_inventory(hosts)
         return playbook(self.home, self.inventory, extra)
 
     def main_pid(self) -> int:
@@ -288,8 +292,11 @@ class Node:
 
     def inspect(self) -> Dict[str, bool]:
         """resource -> registered, as the daemon reports it."""
+        return {r["resource"]: r["registered"] for r in self.inspect_json()}
+
+    def inspect_json(self) -> List[Dict[str, Any]]:
         out = self.ct.run("udev-device-plugin", "inspect", "--json", check=False).stdout
-        return {r["resource"]: r["registered"] for r in json.loads(out or '{"resources": []}')["resources"]}
+        return list(json.loads(out or '{"resources": []}')["resources"])
 
     def kubelet_view(self) -> Dict[str, bool]:
         """resource -> connected, as the stand-in kubelet sees it."""
@@ -319,6 +326,31 @@ def _names(resources: List[Dict[str, Any]]) -> List[str]:
     return [r["name"] for r in resources]
 
 
+def start_standin(ct: Container) -> None:
+    """Start the stand-in kubelet as a transient unit; return once it has written its state.
+
+    It runs from the source tree bind-mounted at /opt/udp-src: the role has not
+    installed the package yet when the first one starts.
+    """
+    state = ct.host_path(STANDIN_STATE)
+    if os.path.exists(state):
+        os.unlink(state)
+    ct.run("systemd-run", "--collect", "--unit=kubelet-stand-in", "--setenv=PYTHONPATH=/opt/udp-src",
+           "/usr/bin/python3", "-m", "udev_device_plugin", "kubelet-stand-in",
+           "--kubelet-dir", KUBELET_DIR, "--state-file", STANDIN_STATE)
+    wait_for(lambda: os.path.exists(state), 30, "the stand-in kubelet's state file")
+
+
+@contextlib.contextmanager
+def booted(name: str) -> Iterator[Container]:
+    """A booted container with the stand-in kubelet running and nothing of ours installed."""
+    with Container(name, binds=[(os.path.join(REPO, "src"), "/opt/udp-src", True)]) as ct:
+        start_standin(ct)
+        yield ct
+        # End our processes inside before the container halts (it freezes them).
+        ct.systemctl("stop", "kubelet-stand-in.service", SERVICE, check=False)
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     try:
@@ -330,15 +362,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     _tool("ansible-playbook")
     home = str(tmp_path_factory.mktemp("ansible"))
     rpms = _build_rpms(str(tmp_path_factory.mktemp("rpms")))
-    src = os.path.join(REPO, "src")
-    with Container("udp-ansible", binds=[(src, "/opt/udp-src", True)]) as ct:
-        # The stand-in kubelet runs from the source tree: the role has not installed anything yet.
-        ct.run("systemd-run", "--unit=kubelet-stand-in", "--setenv=PYTHONPATH=/opt/udp-src",
-               "/usr/bin/python3", "-m", "udev_device_plugin", "kubelet-stand-in",
-               "--kubelet-dir", KUBELET_DIR, "--state-file", STANDIN_STATE)
-        wait_for(lambda: os.path.exists(ct.host_path(STANDIN_STATE)), 30, "the stand-in kubelet's state file")
+    with booted("udp-ansible-1") as ct:
         yield Node(ct, home, rpms)
-        ct.systemctl("stop", "kubelet-stand-in.service", SERVICE, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +439,8 @@ def test_bad_resource_name_fails_validation_and_changes_nothing(request: pytest.
     assert run.rc != 0, run
     assert run.recap["node1"]["failed"] == 1, run
     assert "check-config rejected the candidate configuration" in run.output, run
-    assert "resource name 'full-without-domain' is not one the kubelet accepts" in run.output, run
+    assert ("/etc/udev-device-plugin/conf.d/ansible-full-without-domain.conf: [resource full-without-domain]: "
+            "resource name 'full-without-domain' is not one the kubelet accepts") in run.output, run
     assert run.handlers() == [], run
     assert node.config_files() == before_files, "a live config file changed"
     assert node.main_pid() == pid and node.reloads() == reloads
@@ -422,3 +448,68 @@ def test_bad_resource_name_fails_validation_and_changes_nothing(request: pytest.
     message = re.search(r"resource name 'full-without-domain'[^\n\"\\]*", run.output)
     case(request, f"bad resource name: failed at validation ({message.group(0) if message else '?'}); "
                   f"config files, daemon PID {pid} and registrations unchanged ({run.seconds:.0f}s)")
+
+
+def test_package_change_restarts(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
+    assert first_run.rc == 0, first_run
+    pid = node.main_pid()
+
+    run = node.apply(BASELINE, rpm=node.rpms[1])
+    assert run.rc == 0, run
+    assert run.handlers() == ["Restart udev-device-plugin"], run
+    installed = node.ct.run("rpm", "-q", "udev-device-plugin").stdout.strip()
+    assert installed == "udev-device-plugin-0.1.0-2.noarch"
+    new_pid = node.main_pid()
+    assert new_pid != pid
+    served = node.inspect_json()
+    assert {r["resource"]: (r["registered"], r["pid"]) for r in served} == \
+        {n: (True, new_pid) for n in _names(BASELINE)}
+    case(request, f"package upgrade to {installed}: restart (PID {pid} -> {new_pid}), "
+                  f"{_names(BASELINE)} registered by the new daemon ({run.seconds:.0f}s)")
+
+    # A rollback to the older file is a package change too (rpm -U --oldpackage).
+    run = node.apply(BASELINE)
+    assert run.rc == 0, run
+    assert run.handlers() == ["Restart udev-device-plugin"], run
+    installed = node.ct.run("rpm", "-q", "udev-device-plugin").stdout.strip()
+    assert installed == "udev-device-plugin-0.1.0-1.noarch"
+    assert node.main_pid() != new_pid
+    assert node.inspect() == {n: True for n in _names(BASELINE)}
+    case(request, f"package rollback to {installed}: restart, registered again ({run.seconds:.0f}s)")
+
+
+def test_failed_post_check_stops_the_rollout(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
+    """Batch 1 is node1 and a fresh node2; node1's kubelet is down, so the resource added in
+    this rollout cannot register there: node1 fails its post-check, node2 passes, 1 of 2
+    failed exceeds max_fail_percentage 0, and batch 2 (node3) is never touched."""
+    assert first_run.rc == 0, first_run
+    with booted("udp-ansible-2") as ct2:
+        node.ct.systemctl("stop", "kubelet-stand-in.service")
+        try:
+            run = node.apply(BASELINE + [FULL], hosts={"node1": node.ct.leader, "node2": ct2.leader,
+                                                       # Unreachable were it ever tried.
+                                                       "node3": 999999999},
+                             udev_device_plugin_batches=[2, 1], udev_device_plugin_verify_timeout=5)
+            node2 = Node(ct2, node.home, node.rpms)
+            node2_view = node2.inspect()
+        finally:
+            start_standin(node.ct)
+    assert run.rc != 0, run
+    assert run.recap["node1"]["failed"] == 1, run
+    assert run.recap["node2"]["failed"] == 0 and run.recap["node2"]["changed"] > 0, run
+    assert "node3" not in run.recap, run
+    assert "still not registered with the kubelet" in run.output and "example.com/full" in run.output, run
+    assert node2_view == {n: True for n in _names(BASELINE + [FULL])}
+    failure = re.search(r"still not registered with the kubelet in \S+: ([^\"]*?)\. The daemon reports: ([^\"]*?)\. See",
+                        run.output)
+    assert failure and failure.group(1) == "example.com/full", run
+    case(request, f"post-check gate: node1 failed (not registered: {failure.group(1)}; daemon: {failure.group(2)}), "
+                  f"node2 passed, max_fail_percentage 0 stopped the play: batch 2 (node3) never started "
+                  f"({run.seconds:.0f}s)")
+
+    # Back to the baseline: with its kubelet back, node1's daemon registers the new
+    # resource by itself; the next run removes it again.
+    wait_for(lambda: node.inspect().get("example.com/full"), 30, "node1 to register example.com/full")
+    run = node.apply(BASELINE)
+    assert run.rc == 0, run
+    assert node.inspect() == {n: True for n in _names(BASELINE)}
