@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from .container import HostNotReady, require_host
+from .container import HostNotReady, require_host, rootfs
 from .packages import build_rpm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +44,15 @@ def host_ready() -> None:
         pytest.fail(f"integration tests cannot run here: {exc}", pytrace=False)
     if missing:
         pytest.fail("integration tests cannot run here: apt-get install -y " + " ".join(missing), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cached_rootfs(host_ready: None) -> str:
+    """The container root filesystem, built once (about a minute) before the first test needs it."""
+    try:
+        return rootfs(log=lambda line: print(f"[integration] {line}", flush=True))
+    except HostNotReady as exc:
+        pytest.fail(f"integration tests cannot run here: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

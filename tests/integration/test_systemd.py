@@ -138,7 +138,7 @@ class Node:
 
 
 @pytest.fixture
-def node(rpms: Dict[str, str]) -> Iterator[Node]:
+def node(cached_rootfs: str, rpms: Dict[str, str]) -> Iterator[Node]:
     with Container(f"udp-it-{os.getpid()}-{next(_names)}", log=say) as ct:
         ct.install_rpm(rpms["1"])
         ct.write_file("/etc/systemd/system/kubelet.service", KUBELET_UNIT)
@@ -265,7 +265,7 @@ def test_hung_main_loop_is_killed_by_watchdog(node: Node) -> None:
 
 def test_reload_applies_config_and_refuses_invalid(node: Node) -> None:
     node.start_daemon()
-    assert sorted(node.devices()) == ["null", "zero"]
+    wait_for(lambda: sorted(node.devices()) == ["null", "zero"], 10, "the kubelet to see null and zero")
     pid = node.main_pid()
     node.ct.write_file(TEST_CONF, MEM_CONF.replace("kernel = null zero", "kernel = null zero full"))
     node.ct.systemctl("reload", UNIT)
@@ -330,6 +330,26 @@ def test_health_events_in_journal(node: Node) -> None:
     back = wait_for(lambda: events("RECOVERED", "zero"), 15, "the RECOVERED event")[0]
     wait_for(lambda: node.devices().get("zero") == "Healthy", 10, "the kubelet to see zero healthy again")
     say(f"journal: {back['MESSAGE']!r}; the kubelet sees zero Healthy again")
+
+
+def test_removed_device_node_is_a_health_event(node: Node) -> None:
+    # /dev in the container is its own tmpfs: moving /dev/full away harms nothing outside.
+    node.ct.write_file(TEST_CONF, MEM_CONF.replace("kernel = null zero", "kernel = null zero full"))
+    node.start_daemon()
+    wait_for(lambda: node.devices().get("full") == "Healthy", 10, "the kubelet to see full healthy")
+
+    def events(kind: str) -> List[Dict[str, Any]]:
+        return [e for e in node.journal("-u", UNIT) if e.get("EVENT") == kind and e.get("DEVICE_ID") == "full"]
+
+    node.ct.run("mv", "/dev/full", "/dev/full.away")
+    sick = wait_for(lambda: events("UNHEALTHY"), 15, "the UNHEALTHY event for /dev/full")[0]
+    assert sick["DEVNODE"] == "/dev/full" and "/dev/full" in sick["REASON"], sick
+    wait_for(lambda: node.devices().get("full") == "Unhealthy", 10, "the kubelet to see full unhealthy")
+    say(f"device node removed inside the sandboxed service's view: {sick['MESSAGE']!r}")
+    node.ct.run("mv", "/dev/full.away", "/dev/full")
+    back = wait_for(lambda: events("RECOVERED"), 15, "the RECOVERED event for /dev/full")[0]
+    wait_for(lambda: node.devices().get("full") == "Healthy", 10, "the kubelet to see full healthy again")
+    say(f"device node back: {back['MESSAGE']!r}")
 
 
 def test_rpm_upgrade_restarts_daemon_and_keeps_config(node: Node, rpms: Dict[str, str]) -> None:
