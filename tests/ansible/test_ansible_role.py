@@ -298,9 +298,9 @@ class Node:
         out = self.ct.run("udev-device-plugin", "inspect", "--json", check=False).stdout
         return list(json.loads(out or '{"resources": []}')["resources"])
 
-    def kubelet_view(self) -> Dict[str, bool]:
+    def kubelet_view(self, state_file: str = STANDIN_STATE) -> Dict[str, bool]:
         """resource -> connected, as the stand-in kubelet sees it."""
-        state = json.loads(self.ct.read_file(STANDIN_STATE))
+        state = json.loads(self.ct.read_file(state_file))
         return {name: bool(r.get("connected")) for name, r in state.get("resources", {}).items()}
 
     def config_files(self) -> Dict[str, str]:
@@ -326,19 +326,20 @@ def _names(resources: List[Dict[str, Any]]) -> List[str]:
     return [r["name"] for r in resources]
 
 
-def start_standin(ct: Container) -> None:
-    """Start the stand-in kubelet as a transient unit; return once it has written its state.
+def start_standin(ct: Container, unit: str = "kubelet-stand-in", kubelet_dir: str = KUBELET_DIR,
+                  state_file: str = STANDIN_STATE) -> None:
+    """Start a stand-in kubelet as a transient unit; return once it has written its state.
 
     It runs from the source tree bind-mounted at /opt/udp-src: the role has not
     installed the package yet when the first one starts.
     """
-    state = ct.host_path(STANDIN_STATE)
+    state = ct.host_path(state_file)
     if os.path.exists(state):
         os.unlink(state)
-    ct.run("systemd-run", "--collect", "--unit=kubelet-stand-in", "--setenv=PYTHONPATH=/opt/udp-src",
+    ct.run("systemd-run", "--collect", f"--unit={unit}", "--setenv=PYTHONPATH=/opt/udp-src",
            "/usr/bin/python3", "-m", "udev_device_plugin", "kubelet-stand-in",
-           "--kubelet-dir", KUBELET_DIR, "--state-file", STANDIN_STATE)
-    wait_for(lambda: os.path.exists(state), 30, "the stand-in kubelet's state file")
+           "--kubelet-dir", kubelet_dir, "--state-file", state_file)
+    wait_for(lambda: os.path.exists(state), 30, f"{unit}'s state file")
 
 
 @contextlib.contextmanager
@@ -513,3 +514,39 @@ def test_failed_post_check_stops_the_rollout(request: pytest.FixtureRequest, nod
     run = node.apply(BASELINE)
     assert run.rc == 0, run
     assert node.inspect() == {n: True for n in _names(BASELINE)}
+
+
+def test_other_kubelet_dir_gets_unit_dropins(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
+    """The units are written for the default kubelet directory; another one (k0s, microk8s)
+    needs the sandbox opened there and the path unit watching there."""
+    assert first_run.rc == 0, first_run
+    alt_dir, alt_state = "/var/lib/k0s/kubelet/device-plugins", "/run/standin-alt.json"
+    service_dropin = f"/etc/systemd/system/{SERVICE}.d/ansible-kubelet-dir.conf"
+    path_dropin = f"/etc/systemd/system/{PATH_UNIT}.d/ansible-kubelet-dir.conf"
+    start_standin(node.ct, "kubelet-stand-in-alt", alt_dir, alt_state)
+    try:
+        pid = node.main_pid()
+        run = node.apply(BASELINE, udev_device_plugin_kubelet_dir=alt_dir)
+        assert run.rc == 0, run
+        assert run.handlers() == ["Restart udev-device-plugin"], run
+        assert node.main_pid() != pid
+        assert os.path.exists(node.ct.host_path(service_dropin)) and os.path.exists(node.ct.host_path(path_dropin))
+        assert node.ct.unit_property(PATH_UNIT, "Paths") == f"{alt_dir}/kubelet.sock (PathChanged)"
+        served = node.inspect_json()   # reads kubelet_dir from the main config the role wrote
+        assert {r["resource"]: r["registered"] for r in served} == {n: True for n in _names(BASELINE)}
+        assert all(r["socket"].startswith(alt_dir + "/") for r in served)
+        wait_for(lambda: all(node.kubelet_view(alt_state).get(n) for n in _names(BASELINE)), 10,
+                 "the stand-in kubelet in the other directory to see both resources")
+        case(request, f"kubelet_dir {alt_dir}: unit drop-ins written, daemon restarted and registered there, "
+                      f"path unit watches {alt_dir}/kubelet.sock ({run.seconds:.0f}s)")
+    finally:
+        node.ct.systemctl("stop", "kubelet-stand-in-alt.service", check=False)
+
+    run = node.apply(BASELINE)
+    assert run.rc == 0, run
+    assert run.handlers() == ["Restart udev-device-plugin"], run
+    assert not os.path.exists(node.ct.host_path(service_dropin))
+    assert not os.path.exists(node.ct.host_path(path_dropin))
+    assert node.ct.unit_property(PATH_UNIT, "Paths") == f"{KUBELET_DIR}/kubelet.sock (PathChanged)"
+    assert node.inspect() == {n: True for n in _names(BASELINE)}
+    case(request, f"kubelet_dir back to the default: drop-ins removed, registered in {KUBELET_DIR} ({run.seconds:.0f}s)")
