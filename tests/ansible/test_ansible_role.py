@@ -35,6 +35,7 @@ if REPO not in sys.path:  # for tests.integration.container, whatever the rootdi
     sys.path.insert(0, REPO)
 
 from tests.integration.container import Container, HostNotReady, require_host, wait_for  # noqa: E402
+from tests.integration.packages import build_rpm  # noqa: E402
 
 ANSIBLE_DIR = os.path.join(REPO, "ansible")
 PLAYBOOK = os.path.join(ANSIBLE_DIR, "playbooks", "rollout.yml")
@@ -81,12 +82,16 @@ def _tool(name: str) -> str:
     found = next((os.path.join(d, name) for d in _ANSIBLE_BINDIRS if os.access(os.path.join(d, name), os.X_OK)),
                  None) or shutil.which(name)
     if not found:
-        msg = (f"{name} not found in {_ANSIBLE_BINDIRS} nor on PATH; install with: python3 -m venv .venv-ansible"
-               f" && .venv-ansible/bin/pip install -r ansible/requirements.txt")
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _skip_on_request()
+        pytest.fail(f"{name} not found in {_ANSIBLE_BINDIRS} nor on PATH; install with: python3 -m venv "
+                    f".venv-ansible && .venv-ansible/bin/pip install -r ansible/requirements.txt", pytrace=False)
     return found
+
+
+def _skip_on_request() -> None:
+    """As tests/integration: these system tests are skipped only on explicit request."""
+    if os.environ.get("UDP_SKIP_INTEGRATION") == "1":
+        pytest.skip("UDP_SKIP_INTEGRATION=1: system tests skipped on request")
 
 
 def _empty_config(home: str) -> str:
@@ -120,7 +125,7 @@ def _ansible_env(home: str) -> Dict[str, str]:
 class Run:
     """One ansible-playbook run: exit status, output, and the PLAY RECAP counters per host."""
 
-    def __init__(self, proc: "subprocess.CompletedProcess[str]", seconds: float) -> None:
+    def __init__(self, proc: subprocess.CompletedProcess[str], seconds: float) -> None:
         self.rc = proc.returncode
         self.output = proc.stdout
         self.seconds = seconds
@@ -233,25 +238,9 @@ def test_bad_variables_fail_before_any_task(request: pytest.FixtureRequest, tmp_
 
 # --- applied to a booted container ------------------------------------------------------------
 
-def _build_rpms(outdir: str) -> List[str]:
-    """Release 1 and release 2 of the same version (an upgrade), or UDP_TEST_RPMS (two paths, space-separated)."""
-    given = os.environ.get("UDP_TEST_RPMS", "").split()
-    if given:
-        assert len(given) == 2, "UDP_TEST_RPMS: two RPM files, release 1 then an upgrade of it"
-        return given
-    rpms = []
-    for release in ("1", "2"):
-        proc = subprocess.run(["make", "--no-print-directory", "-f", "packaging/rpm.mk", "rpm",
-                               f"RPM_RELEASE={release}", f"RPM_OUTDIR={outdir}",
-                               f"RPM_TOPDIR={os.path.join(outdir, 'top')}",
-                               # The unit tests run in their own CI step, not once per build here.
-                               "RPMBUILD_OPTS=--without check"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        assert proc.returncode == 0, f"make rpm failed:\n{proc.stdout[-5000:]}"
-        found = re.findall(r"^wrote (\S+\.rpm)$", proc.stdout, re.M)
-        assert found, proc.stdout[-3000:]
-        rpms.append(found[-1])
-    return rpms
+def _rpms(outdir: str) -> List[str]:
+    """Release 1 and release 2 of the same version (an upgrade), built as tests/integration builds them."""
+    return [build_rpm(outdir, release) for release in ("1", "2")]
 
 
 class Node:
@@ -354,15 +343,14 @@ def booted(name: str) -> Iterator[Container]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    _skip_on_request()
     try:
         require_host()
     except HostNotReady as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+        pytest.fail(f"the role's container tests cannot run here: {exc}", pytrace=False)
     _tool("ansible-playbook")
     home = str(tmp_path_factory.mktemp("ansible"))
-    rpms = _build_rpms(str(tmp_path_factory.mktemp("rpms")))
+    rpms = _rpms(str(tmp_path_factory.mktemp("rpms")))
     with booted("udp-ansible-1") as ct:
         yield Node(ct, home, rpms)
 
@@ -501,8 +489,8 @@ def test_failed_post_check_stops_the_rollout(request: pytest.FixtureRequest, nod
     assert "node3" not in run.recap, run
     assert "still not registered with the kubelet" in run.output and "example.com/full" in run.output, run
     assert node2_view == {n: True for n in _names(BASELINE + [FULL])}
-    failure = re.search(r"still not registered with the kubelet in \S+: ([^\"]*?)\. The daemon reports: ([^\"]*?)\. See",
-                        run.output)
+    failure = re.search(r"still not registered with the kubelet in \S+: ([^\"]*?)\. "
+                        r"The daemon reports: ([^\"]*?)\. See", run.output)
     assert failure and failure.group(1) == "example.com/full", run
     case(request, f"post-check gate: node1 failed (not registered: {failure.group(1)}; daemon: {failure.group(2)}), "
                   f"node2 passed, max_fail_percentage 0 stopped the play: batch 2 (node3) never started "
@@ -549,4 +537,5 @@ def test_other_kubelet_dir_gets_unit_dropins(request: pytest.FixtureRequest, nod
     assert not os.path.exists(node.ct.host_path(path_dropin))
     assert node.ct.unit_property(PATH_UNIT, "Paths") == f"{KUBELET_DIR}/kubelet.sock (PathChanged)"
     assert node.inspect() == {n: True for n in _names(BASELINE)}
-    case(request, f"kubelet_dir back to the default: drop-ins removed, registered in {KUBELET_DIR} ({run.seconds:.0f}s)")
+    case(request, f"kubelet_dir back to the default: drop-ins removed, registered in {KUBELET_DIR} "
+                  f"({run.seconds:.0f}s)")

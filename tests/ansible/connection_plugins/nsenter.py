@@ -42,7 +42,7 @@ class Connection(ConnectionBase):
         pid = self.get_option("pid")
         return ["nsenter", "-t", str(pid), "-a", "env", "-i", *_ENV, *cmd]
 
-    def _connect(self) -> "Connection":
+    def _connect(self) -> Connection:
         if not self._connected:
             pid = self.get_option("pid")
             try:
@@ -58,7 +58,7 @@ class Connection(ConnectionBase):
         self._display.vvv(f"NSENTER EXEC {cmd}", host=self._play_context.remote_addr)
         proc = subprocess.run(self._argv("/bin/sh", "-c", cmd), input=in_data,
                               stdin=None if in_data is not None else subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              capture_output=True)
         return proc.returncode, proc.stdout, proc.stderr
 
     def put_file(self, in_path: str, out_path: str) -> None:
@@ -66,7 +66,7 @@ class Connection(ConnectionBase):
         self._display.vvv(f"NSENTER PUT {in_path} TO {out_path}", host=self._play_context.remote_addr)
         with open(in_path, "rb") as src:
             proc = subprocess.run(self._argv("/bin/sh", "-c", f"cat > {shlex.quote(out_path)}"), stdin=src,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                  capture_output=True)
         if proc.returncode != 0:
             raise AnsibleError(f"failed to put {in_path} to {out_path}: {proc.stderr.decode(errors='replace')}")
 
