@@ -52,17 +52,18 @@ CACHE_DIR = os.environ.get("UDP_TEST_CACHE_DIR", "/var/cache/udev-device-plugin-
 SUITE = "bookworm"
 MIRROR = os.environ.get("UDP_TEST_MIRROR", "http://deb.debian.org/debian")
 
-#: What the cached rootfs holds: a bootable minimal Debian plus the daemon's
-#: runtime stack from Debian packages (a realistic "distro stack").  No
-#: python3-sdnotify on purpose: RHEL 9 has none, so the RPM does not require it
-#: and the daemon must reach systemd through its built-in sd_notify fallback.
+#: What the cached rootfs holds: a bootable minimal Debian plus exactly the
+#: RPM's Requires from Debian packages (a realistic "distro stack"), so a
+#: dependency the spec forgot shows up as a failure.  No python3-sdnotify on
+#: purpose: RHEL 9 has none, so the RPM does not require it and the daemon
+#: must reach systemd through its built-in sd_notify fallback.
 #: procps gives /bin/kill (ExecReload=); rpm lets the RPM's scriptlets talk to
 #: this container's systemd (host-side ``rpm --root`` scriptlets would run in a
 #: chroot where systemctl refuses to act); man-db lets ``systemd-analyze verify``
 #: check that the units' Documentation=man: pages are installed.
 PACKAGES: Tuple[str, ...] = (
     "systemd", "systemd-sysv", "dbus", "procps", "rpm", "man-db",
-    "python3", "python3-grpcio", "python3-protobuf", "python3-pyudev", "python3-click", "python3-systemd",
+    "python3", "python3-grpcio", "python3-protobuf", "python3-pyudev", "python3-click",
 )
 
 #: Host commands this module needs, with the Debian package providing each.
