@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List
 import pytest
 
 from .container import HostNotReady, require_host, rootfs
+from .log import say, use_config
 from .packages import build_rpm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,6 +25,7 @@ BUILD_TOOLS = {"make": "make", "git": "git", "rpmbuild": "rpm"}
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: needs root and a booted systemd container (tests/integration)")
+    use_config(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
@@ -50,7 +52,7 @@ def host_ready() -> None:
 def cached_rootfs(host_ready: None) -> str:
     """The container root filesystem, built once (about a minute) before the first test needs it."""
     try:
-        return rootfs(log=lambda line: print(f"[integration] {line}", flush=True))
+        return rootfs(log=say)
     except HostNotReady as exc:
         pytest.fail(f"integration tests cannot run here: {exc}", pytrace=False)
 
@@ -61,5 +63,5 @@ def rpms(host_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     out = str(tmp_path_factory.mktemp("rpms"))
     built = {release: build_rpm(out, release) for release in ("1", "2")}
     for path in built.values():
-        print(f"[integration] built {os.path.basename(path)}", flush=True)
+        say(f"built {os.path.basename(path)}")
     yield built

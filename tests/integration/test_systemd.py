@@ -4,7 +4,7 @@ Every test boots a fresh container (about half a second), installs the RPM
 built from this tree, starts a stand-in kubelet as ``kubelet.service`` and
 configures the resource ``example.com/mem`` (the mem-class devices /dev/null
 and /dev/zero, present in every container).  Each check prints one
-``[integration]`` line; run with ``-s`` to see them as they happen.
+``[integration]`` line to the terminal, with or without ``-s``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 
 from .container import Container, wait_for
+from .log import say
 
 UNIT = "udev-device-plugin.service"
 PATH_UNIT = "udev-device-plugin-kubelet.path"
@@ -47,10 +48,6 @@ kernel = null zero
 """
 
 _names = itertools.count(1)
-
-
-def say(message: str) -> None:
-    print(f"[integration] {message}", flush=True)
 
 
 class Node:
