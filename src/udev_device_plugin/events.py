@@ -18,6 +18,9 @@ from typing import IO, Dict, List, Optional, Protocol, Tuple
 log = logging.getLogger(__name__)
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# For tests and debugging only: send journal entries to this datagram socket instead
+# (a test binds one and reads the native-protocol datagrams; `socat` can show them).
+JOURNAL_SOCKET_ENV = "UDEV_DEVICE_PLUGIN_JOURNAL_SOCKET"
 IDENTIFIER = "udev-device-plugin"
 
 # Fixed per event kind, so `journalctl MESSAGE_ID=...` finds every occurrence.
@@ -114,7 +117,10 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def make_sink(mode: str, journal_socket: str = JOURNAL_SOCKET) -> Sink:
+def make_sink(mode: str, journal_socket: Optional[str] = None) -> Sink:
+    """The sink for ``[plugin] events``; the journal socket is $UDEV_DEVICE_PLUGIN_JOURNAL_SOCKET if set."""
+    if journal_socket is None:
+        journal_socket = os.environ.get(JOURNAL_SOCKET_ENV) or JOURNAL_SOCKET
     if mode == "journal" or (mode == "auto" and os.path.exists(journal_socket)):
         return JournalSink(journal_socket)
     return StderrSink()

@@ -21,8 +21,9 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from concurrent import futures
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 import grpc
 
@@ -33,6 +34,17 @@ from .config import KUBELET_SOCKET, validate_resource_name
 log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 10.0
+# ListAndWatch messages kept per resource in ``received`` (a long-running stand-in must not grow).
+RECEIVED_KEPT = 10000
+
+
+class Received(NamedTuple):
+    """One ListAndWatch message as the stand-in got it, for tests and benchmarks that time hotplug."""
+
+    seq: int  # 1 for the resource's first message; equals ``messages[resource]`` after it
+    monotonic: float  # time.monotonic() on receipt
+    wall: float  # time.time() on receipt
+    devices: Dict[str, Dict[str, Any]]  # ID -> {"id", "health", "numa_nodes"}
 
 
 class _Client:
@@ -181,13 +193,16 @@ class StandInKubelet:
         return None
 
     def _update(self, client: _Client, devices: List[api.Device]) -> None:
+        now, wall = time.monotonic(), time.time()
         with self.cond:
             if self.clients.get(client.resource) is not client:
                 return
-            self.devices[client.resource] = {
-                d.ID: {"id": d.ID, "health": d.health, "numa_nodes": [n.ID for n in d.topology.nodes]}
-                for d in devices}
-            self.messages[client.resource] = self.messages.get(client.resource, 0) + 1
+            view = {d.ID: {"id": d.ID, "health": d.health, "numa_nodes": [n.ID for n in d.topology.nodes]}
+                    for d in devices}
+            self.devices[client.resource] = view
+            seq = self.messages[client.resource] = self.messages.get(client.resource, 0) + 1
+            kept = self.received.setdefault(client.resource, deque(maxlen=RECEIVED_KEPT))
+            kept.append(Received(seq, now, wall, {k: dict(v) for k, v in view.items()}))
             self.cond.notify_all()
         self._write_state()
 
@@ -231,6 +246,11 @@ class StandInKubelet:
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(predicate, timeout)
+
+    def history(self, resource: str, after: int = 0) -> List[Received]:
+        """The ListAndWatch messages of ``resource`` received after message number ``after``."""
+        with self.cond:
+            return [r for r in self.received.get(resource, ()) if r.seq > after]
 
     def connected(self, resource: str) -> bool:
         client = self.clients.get(resource)
