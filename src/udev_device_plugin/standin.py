@@ -102,6 +102,7 @@ class StandInKubelet:
         self.clients: Dict[str, _Client] = {}
         self.devices: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self.messages: Dict[str, int] = {}
+        self.received: Dict[str, Deque[Received]] = {}
         self.refused: List[str] = []
         self._server: Optional[grpc.Server] = None
         self._executor: Optional[futures.ThreadPoolExecutor] = None
