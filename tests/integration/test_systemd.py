@@ -34,12 +34,12 @@ DROPIN_DIR = f"/etc/systemd/system/{UNIT}.d"
 # The node's kubelet: the stand-in from the same package, as a unit of its own
 # so that "systemctl restart kubelet" is a kubelet restart.  No start limit:
 # the storm test restarts it ten times in a few seconds.
-KUBELET_UNIT = f"""[Unit]
+KUBELET_UNIT = """[Unit]
 Description=stand-in kubelet (integration test)
 StartLimitIntervalSec=0
 
 [Service]
-ExecStart=/usr/bin/udev-device-plugin kubelet-stand-in --kubelet-dir {KUBELET_DIR} --state-file {STATE_FILE}
+ExecStart=/usr/bin/udev-device-plugin kubelet-stand-in --kubelet-dir {dir} --state-file {state}
 """
 
 MEM_CONF = f"""[resource {RESOURCE}]
@@ -53,8 +53,9 @@ _names = itertools.count(1)
 class Node:
     """A booted container with the RPM installed: the daemon's host, seen from outside."""
 
-    def __init__(self, ct: Container) -> None:
+    def __init__(self, ct: Container, kubelet_dir: str = KUBELET_DIR) -> None:
         self.ct = ct
+        self.kubelet_dir = kubelet_dir
 
     # -- units
 
@@ -110,7 +111,7 @@ class Node:
             return None
         regs = [r for r in state["registrations"] if r["resource"] == RESOURCE and r["endpoint"] == res["endpoint"]
                 and r["time"] >= max(state["started"], since)]
-        if not regs or not os.path.exists(self.ct.host_path(f"{KUBELET_DIR}/{res['endpoint']}")):
+        if not regs or not os.path.exists(self.ct.host_path(f"{self.kubelet_dir}/{res['endpoint']}")):
             return None
         return dict(regs[-1], devices=res["devices"], kubelet_started=state["started"])
 
@@ -138,7 +139,7 @@ class Node:
 def node(cached_rootfs: str, rpms: Dict[str, str]) -> Iterator[Node]:
     with Container(f"udp-it-{os.getpid()}-{next(_names)}", log=say) as ct:
         ct.install_rpm(rpms["1"])
-        ct.write_file("/etc/systemd/system/kubelet.service", KUBELET_UNIT)
+        ct.write_file("/etc/systemd/system/kubelet.service", KUBELET_UNIT.format(dir=KUBELET_DIR, state=STATE_FILE))
         ct.write_file(TEST_CONF, MEM_CONF)
         ct.systemctl("daemon-reload")
         ct.systemctl("start", "kubelet.service")
@@ -289,6 +290,34 @@ def test_invalid_config_fails_start_without_restart_loop(node: Node) -> None:
     # RestartSec=1s: a restart loop would show within 3 s.
     hold(lambda: node.n_restarts() == 0 and node.prop("ActiveState") == "failed", 3, "failed without restarts")
     say(f"invalid config: start fails with status 78, journalctl -u shows {errors[0]!r}, NRestarts stays 0 for 3s")
+
+
+def test_other_kubelet_dir_with_documented_dropins(node: Node) -> None:
+    # The drop-ins udev-device-plugin(8) and docs/INSTALL-RHEL.md give for a
+    # kubelet directory elsewhere; the daemon starts before that directory exists.
+    other = "/var/lib/k0s/kubelet/device-plugins"
+    node.ct.systemctl("stop", "kubelet.service")
+    node.add_dropin("kubelet-dir", f"[Service]\nExecStartPre=+/usr/bin/mkdir -p -m 0750 {other}\n"
+                                   f"ReadWritePaths=-{other}\n")
+    node.ct.write_file(f"/etc/systemd/system/{PATH_UNIT}.d/kubelet-dir.conf",
+                       f"[Path]\nPathChanged=\nPathChanged={other}/kubelet.sock\n")
+    node.ct.write_file(TEST_CONF, f"[plugin]\nkubelet_dir = {other}\n\n" + MEM_CONF)
+    node.ct.write_file("/etc/systemd/system/kubelet.service", KUBELET_UNIT.format(dir=other, state=STATE_FILE))
+    node.ct.systemctl("daemon-reload")
+    node.ct.run("rm", "-f", STATE_FILE)
+    assert not os.path.exists(node.ct.host_path(other))
+    node.ct.systemctl("start", UNIT)
+    assert node.active() and "waiting for the kubelet" in node.prop("StatusText"), node.prop("StatusText")
+    say(f"no kubelet yet: active with STATUS={node.prop('StatusText')!r}; {other} created by the ExecStartPre drop-in")
+    node.kubelet_dir = other
+    node.ct.systemctl("start", "kubelet.service")
+    first = node.wait_registered(f"in {other}")
+    before = node.prop("InvocationID", ONESHOT)
+    started = node.restart_kubelet()
+    reg = node.wait_registered(f"after a kubelet restart in {other}", since=started)
+    wait_for(lambda: node.prop("InvocationID", ONESHOT) not in ("", before), 10, "the path unit drop-in to fire")
+    say(f"kubelet in {other}: registered as {first['endpoint']}, after its restart the path unit fired and "
+        f"the daemon registered as {reg['endpoint']}")
 
 
 HEALTH_SCRIPT = """#!/bin/sh
