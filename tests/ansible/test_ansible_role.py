@@ -260,7 +260,8 @@ class Node:
                 f.write(f"{name} ansible_connection=nsenter ansible_nsenter_pid={pid}\n")
 
     def apply(self, resources: List[Dict[str, Any]], rpm: Optional[str] = None,
-              hosts: Optional[Dict[str, int]] = None, **more: Any) -> Run:
+              hosts: Optional[Dict[str, int]] = None, check: bool = False, **more: Any) -> Run:
+        """Run the rollout playbook on ``hosts`` (default: this node) with these resources."""
         extra = {
             "ansible_become": False,           # root already; the container has no sudo
             "udev_device_plugin_install_method": "rpm",
@@ -274,7 +275,7 @@ class Node:
         }
         extra.update(more)
         self.write_inventory(hosts)
-        return playbook(self.home, self.inventory, extra)
+        return playbook(self.home, self.inventory, extra, *(["--check", "--diff"] if check else []))
 
     def main_pid(self) -> int:
         return int(self.ct.unit_property(SERVICE, "MainPID"))
@@ -356,8 +357,27 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 @pytest.fixture(scope="module")
-def first_run(node: Node) -> Run:
+def fresh_check(node: Node) -> Run:
+    """``--check --diff`` on the node before anything is installed."""
+    return node.apply(BASELINE, check=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(node: Node, fresh_check: Run) -> Run:
     return node.apply(BASELINE)
+
+
+def test_check_mode_on_a_fresh_node_changes_nothing(request: pytest.FixtureRequest, node: Node,
+                                                    fresh_check: Run) -> None:
+    run = fresh_check
+    assert run.rc == 0, run
+    assert run.recap["node1"]["changed"] > 0, run
+    assert "Would install udev-device-plugin-0.1.0-1.noarch.rpm with rpm -U" in run.output, run
+    assert "+[resource example.com/null]" in run.output, run          # the --diff of a drop-in
+    assert node.ct.run("rpm", "-q", "udev-device-plugin", check=False).returncode == 1
+    assert not os.path.exists(node.ct.host_path(CONF_DIR))
+    case(request, f"--check --diff on a fresh node: reports the install and the files "
+                  f"(changed={run.recap['node1']['changed']}), installs and writes nothing ({run.seconds:.0f}s)")
 
 
 def test_first_run_installs_and_starts(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
@@ -394,6 +414,15 @@ def test_second_run_changes_nothing(request: pytest.FixtureRequest, node: Node, 
 def test_changed_resource_reloads_and_registers(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
     assert first_run.rc == 0, first_run
     pid, reloads = node.main_pid(), node.reloads()
+    files = node.config_files()
+
+    run = node.apply(BASELINE + [FULL], check=True)
+    assert run.rc == 0, run
+    assert run.recap["node1"]["changed"] > 0 and "+[resource example.com/full]" in run.output, run
+    assert node.config_files() == files and node.main_pid() == pid and node.reloads() == reloads
+    assert "example.com/full" not in node.inspect()
+    case(request, f"--check --diff with an added resource: shows the new drop-in, writes and reloads nothing "
+                  f"({run.seconds:.0f}s)")
 
     run = node.apply(BASELINE + [FULL])
     assert run.rc == 0, run
