@@ -102,7 +102,8 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
     With devices already chosen, candidates on their NUMA nodes come first; otherwise
     the NUMA node with the most free candidates is filled first, then the next. Ties
     and order within a node follow the natural order of the IDs, so the answer is
-    deterministic. Fewer than ``size`` are returned only when ``available`` is short.
+    deterministic. IDs we do not know or that are unhealthy come last, only to make up
+    the size. Fewer than ``size`` are returned only when ``available`` is short.
     """
     if size <= 0:
         return []
@@ -118,17 +119,25 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
         dev = devices.get(i)
         return dev.numa_nodes if dev else ()
 
-    free_per_node: Counter = Counter(n for i in candidates for n in nodes_of(i))
+    def usable(i: str) -> bool:
+        dev = devices.get(i)
+        return dev is not None and dev.healthy
+
+    free_per_node: Counter = Counter(n for i in candidates if usable(i) for n in nodes_of(i))
     anchor = {n for i in result for n in nodes_of(i)}
     # Rank NUMA nodes: those of already-chosen devices, then by most free, then lowest number.
     node_rank: Dict[int, Tuple[int, int, int]] = {
         n: (0 if n in anchor else 1, -count, n) for n, count in free_per_node.items()
     }
 
-    def rank(i: str) -> Tuple[Tuple[int, int, int], List[object]]:
+    def rank(i: str) -> Tuple[Tuple[int, int, int], List[object], str]:
+        if not usable(i):
+            # Unknown or unhealthy: Allocate would refuse these, so only to make up the size.
+            return (3, 0, 0), natural_key(i), i
         ranks = [node_rank[n] for n in nodes_of(i)]
-        # Devices without NUMA information come after every NUMA-local one.
-        return (min(ranks) if ranks else (2, 0, 0)), natural_key(i)
+        # Devices without NUMA information come after every NUMA-local one. The ID itself
+        # breaks natural-order ties (loop01/loop1), as the kubelet sends IDs in no set order.
+        return (min(ranks) if ranks else (2, 0, 0)), natural_key(i), i
 
     candidates.sort(key=rank)
     return result + candidates[:size - len(result)]

@@ -32,7 +32,13 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Result:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        proc.communicate()
+        try:
+            proc.communicate(timeout=1)
+        except subprocess.TimeoutExpired:
+            # A descendant left the process group (setsid) and still holds the output pipe.
+            assert proc.stdout is not None
+            proc.stdout.close()
+            proc.wait()
         return Result(False, True, f"{argv[0]} did not finish within {timeout:g} s")
     text = out.decode("utf-8", "replace").strip().replace("\n", " | ")[-_TAIL:]
     if proc.returncode == 0:

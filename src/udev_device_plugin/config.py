@@ -35,8 +35,8 @@ ALLOCATION_VARS = ("ids", "devnodes", "count", "resource")
 
 _TEMPLATE_VAR = re.compile(r"\{([^{}]*)\}")
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS1123_SUBDOMAIN = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS1123_SUBDOMAIN = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*\Z")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UDEV_PROPERTY = re.compile(r"^[A-Za-z0-9_.]+$")
 _SYSFS_ATTRIBUTE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -351,7 +351,8 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
                 kw[key] = value
             elif value.startswith("property.") and _UDEV_PROPERTY.match(value[len("property."):]):
                 kw[key] = value
-            elif value.startswith("attribute.") and _SYSFS_ATTRIBUTE.match(value[len("attribute."):]):
+            elif value.startswith("attribute.") and _SYSFS_ATTRIBUTE.match(value[len("attribute."):]) \
+                    and ".." not in value[len("attribute."):].split("/"):
                 kw[key] = value
             else:
                 c.error(section, key, value, "accepted: " + ", ".join(ID_SOURCES))
@@ -362,7 +363,8 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
                 kw[key] = "".join(p for p in "rwm" if p in value)
         elif key == "container_path":
             kw[key] = _template(c, section, key, value, DEVNODE_VARS)
-            if not value.startswith("/"):
+            # {devnode} is the absolute host path, so the documented default is accepted when written out.
+            if not value.startswith(("/", "{devnode}")):
                 c.error(section, key, value, "accepted: an absolute path template, e.g. /dev/fpga/{id}")
         elif key == "mounts":
             mounts = []
@@ -394,7 +396,8 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
         elif key == "health_timeout":
             kw[key] = _number(c, section, key, value, 0, 3600)
         elif key == "health_threshold":
-            if not value.isdigit() or not 1 <= int(value) <= 100:
+            # isdigit() alone admits '²', which int() refuses.
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 100:
                 c.error(section, key, value, "accepted: a whole number from 1 to 100")
             else:
                 kw[key] = int(value)
@@ -431,6 +434,18 @@ def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[Resource
     except configparser.DuplicateOptionError as exc:
         c.errors.append(f"{source}: [{exc.section}] {exc.option} is given twice (line {exc.lineno})")
         return {}, [], c.errors
+    except configparser.MissingSectionHeaderError as exc:
+        c.errors.append(f"{source}: line {exc.lineno}: {_line(text, exc.lineno)!r} comes before any section; "
+                        "accepted: [plugin] or [resource <vendor.example/name>] first")
+        return {}, [], c.errors
+    except configparser.ParsingError as exc:
+        # Name every bad line, not just "Source contains parsing errors".
+        for lineno, _ in exc.errors:
+            c.errors.append(f"{source}: line {lineno}: {_line(text, lineno)!r} "
+                            "is not a section header, key = value or comment")
+        if not exc.errors:
+            c.errors.append(f"{source}: not an INI file: {exc.message.splitlines()[0]}")
+        return {}, [], c.errors
     except configparser.Error as exc:
         c.errors.append(f"{source}: not an INI file: {exc.message.splitlines()[0]}")
         return {}, [], c.errors
@@ -447,6 +462,12 @@ def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[Resource
         else:
             c.error(section, None, None, "unknown section; accepted: [plugin] and [resource <vendor.example/name>]")
     return plugin, resources, c.errors
+
+
+def _line(text: str, lineno: int) -> str:
+    """Line ``lineno`` (from 1) as configparser counts them: split at newlines only."""
+    lines = text.split("\n")
+    return lines[lineno - 1].rstrip("\r") if 0 < lineno <= len(lines) else ""
 
 
 def parse(files: List[Tuple[str, str]]) -> Config:

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     Protocol = object  # type: ignore[assignment,misc]
 
 # Device IDs travel through the kubelet's checkpoint and pod status: keep them printable.
-_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+=,-]{0,127}$")
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+=,-]{0,127}\Z")
 
 
 class DeviceView(Protocol):

@@ -62,7 +62,7 @@ def natural_key(text: str) -> List[object]:
     num = ""
     word = ""
     for ch in text:
-        if ch.isdigit():
+        if "0" <= ch <= "9":  # not isdigit(): int() refuses '²'
             if word:
                 parts.append((1, word))
                 word = ""

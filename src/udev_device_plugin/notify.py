@@ -46,7 +46,9 @@ class Notifier:
             return
         message = "\n".join(lines)
         if self._sd is not None:
-            self._sd.notify(message)
+            # sdnotify encodes latin-1 and silently drops what does not fit: hand it
+            # the UTF-8 bytes systemd expects, spelled as latin-1.
+            self._sd.notify(message.encode("utf-8", "replace").decode("latin-1"))
             return
         assert self._sock is not None
         addr = self.address
@@ -59,6 +61,8 @@ class Notifier:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
+        if self._sd is not None and self._sd.socket is not None:
+            self._sd.socket.close()
 
 
 def watchdog_interval() -> Optional[float]:

@@ -1,0 +1,87 @@
+"""model.py: the snapshot diff that drives the servers, and the natural ID order."""
+
+from __future__ import annotations
+
+import pytest
+
+from udev_device_plugin.model import HEALTHY, UNHEALTHY, Device, ResourceDiff, diff, natural_key
+
+
+def dev(resource: str, id_: str, health: str = HEALTHY, numa=(), nodes=("/dev/x",), reason: str = "") -> Device:
+    return Device(resource, id_, f"/sys/devices/{id_}", id_, tuple(nodes), tuple(numa), health, reason)
+
+
+A0, A1, A2 = dev("a", "a0"), dev("a", "a1"), dev("a", "a2")
+A1_SICK = dev("a", "a1", UNHEALTHY, reason="gone")
+A1_NUMA = dev("a", "a1", numa=(1,))
+A1_NODES = dev("a", "a1", nodes=("/dev/x", "/dev/y"))
+B0 = dev("b", "b0")
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ({}, {}, {}),
+    ({"a": {"a0": A0}}, {"a": {"a0": A0}}, {}),
+    ({"a": {}}, {}, {}),  # an empty resource appearing or going is no change of devices
+    ({}, {"a": {"a0": A0, "a1": A1}}, {"a": ResourceDiff(added=(A0, A1))}),
+    ({"a": {"a0": A0, "a1": A1}}, {}, {"a": ResourceDiff(removed=(A0, A1))}),
+    ({"a": {"a0": A0, "a1": A1}}, {"a": {}}, {"a": ResourceDiff(removed=(A0, A1))}),
+    ({"a": {"a0": A0}}, {"a": {"a0": A0, "a2": A2}}, {"a": ResourceDiff(added=(A2,))}),
+    ({"a": {"a0": A0, "a1": A1}}, {"a": {"a0": A0, "a1": A1_SICK}}, {"a": ResourceDiff(changed=((A1, A1_SICK),))}),
+    ({"a": {"a1": A1_SICK}}, {"a": {"a1": A1}}, {"a": ResourceDiff(changed=((A1_SICK, A1),))}),
+    ({"a": {"a1": A1}}, {"a": {"a1": A1_NUMA}}, {"a": ResourceDiff(changed=((A1, A1_NUMA),))}),
+    ({"a": {"a1": A1}}, {"a": {"a1": A1_NODES}}, {"a": ResourceDiff(changed=((A1, A1_NODES),))}),
+    ({"a": {"a0": A0, "a1": A1}, "b": {"b0": B0}},
+     {"a": {"a1": A1_SICK, "a2": A2}, "b": {"b0": B0}},
+     {"a": ResourceDiff(added=(A2,), changed=((A1, A1_SICK),), removed=(A0,))}),
+    ({"a": {"a0": A0}}, {"b": {"b0": B0}}, {"a": ResourceDiff(removed=(A0,)), "b": ResourceDiff(added=(B0,))}),
+])
+def test_diff(old, new, expected):
+    assert diff(old, new) == expected
+
+
+def test_diff_of_equal_but_distinct_values_is_empty():
+    assert diff({"a": {"a0": dev("a", "a0")}}, {"a": {"a0": dev("a", "a0")}}) == {}
+
+
+def test_diff_orders_by_id():
+    ids = ["d3", "d1", "d2"]
+    got = diff({}, {"a": {i: dev("a", i) for i in ids}})
+    assert [d.id for d in got["a"].added] == ["d1", "d2", "d3"]
+
+
+@pytest.mark.parametrize("d, expected", [
+    (ResourceDiff(), False),
+    (ResourceDiff(added=(A0,)), True),
+    (ResourceDiff(changed=((A1, A1_SICK),)), True),
+    (ResourceDiff(removed=(A0,)), True),
+])
+def test_resource_diff_truth(d, expected):
+    assert bool(d) is expected
+
+
+@pytest.mark.parametrize("health, expected", [(HEALTHY, True), (UNHEALTHY, False), ("healthy", False), ("", False)])
+def test_device_healthy(health, expected):
+    assert dev("a", "a0", health).healthy is expected
+
+
+@pytest.mark.parametrize("unsorted, expected", [
+    (["loop10", "loop2", "loop1"], ["loop1", "loop2", "loop10"]),
+    (["nvme10n1", "nvme2n1", "nvme2n10", "nvme2n2"], ["nvme2n1", "nvme2n2", "nvme2n10", "nvme10n1"]),
+    (["b", "a10", "a9", "a"], ["a", "a9", "a10", "b"]),
+    (["10", "9", "x"], ["9", "10", "x"]),
+    (["0000:3b:00.1", "0000:3b:00.0", "0000:0a:00.0"], ["0000:0a:00.0", "0000:3b:00.0", "0000:3b:00.1"]),
+    (["", "a"], ["", "a"]),
+])
+def test_natural_order(unsorted, expected):
+    assert sorted(unsorted, key=natural_key) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("x\u00b2", [(1, "x\u00b2")]),
+    ("\u0663", [(1, "\u0663")]),
+    ("a\u00bd1", [(1, "a\u00bd"), (0, 1)]),
+    ("12ab3", [(0, 12), (1, "ab"), (0, 3)]),
+])
+def test_natural_key_parts(text, expected):
+    # IDs come back from the kubelet: only ASCII digits are numbers, and no text raises.
+    assert natural_key(text) == expected
