@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=
+# A udev event after a quiet spell is handled at once.  Events that follow others closely
+# (a burst: 100 devices plugged at once) wait until HOTPLUG_HOLDOFF after the last handling,
+# so the kubelet gets a few full lists, not one growing list per device.
+HOTPLUG_QUIET = 0.005
+HOTPLUG_HOLDOFF = 0.02
 
 
 class Daemon:
@@ -74,6 +79,11 @@ class Daemon:
         self.context: Optional[pyudev.Context] = None
         self.monitor: Optional[HotplugMonitor] = None
         self.devnodes: Optional[DevnodeWatch] = None
+        self._udev_changes: Dict[str, Dict[str, str]] = {}
+        self._udev_full: Set[str] = set()
+        self._udev_due: Optional[float] = None
+        self._udev_applied = float("-inf")
+        self._udev_arrived = float("-inf")
 
     # --- config ---------------------------------------------------------------
 
@@ -162,16 +172,22 @@ class Daemon:
             self.devnodes.watch({n for name in self.states for n in self._nodes_of(name)})
 
     def _handle_devnodes(self) -> None:
-        """A device node appeared or vanished outside udev's events: rescan its resources."""
+        """A device node appeared or vanished outside udev's events: look at its device again."""
         assert self.devnodes is not None
         paths = self.devnodes.changed()
-        if "" in paths:
-            names = sorted(self.states)
-        else:
-            names = sorted(n for n in self.states if self._nodes_of(n) & paths)
-        if names:
-            log.debug("device nodes changed: %s", ", ".join(sorted(paths)))
-            self._rescan(names)
+        if not paths:
+            return
+        log.debug("device nodes changed: %s", ", ".join(sorted(paths)))
+        for name in sorted(self.states):
+            extra = set(self.states[name].config.extra_devnodes)
+            if "" in paths or extra & paths:
+                self._udev_full.add(name)  # events were lost, or a node every device shares
+                continue
+            for dev in self.raw.get(name, {}).values():
+                if paths.intersection(dev.devnodes):
+                    self._udev_changes.setdefault(name, {}).setdefault(dev.sys_path, "change")
+        # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
+        self._schedule_apply(quiet=True)
 
     def _effective(self, name: str) -> Dict[str, Device]:
         """Rule health from the scan, overlaid with the damped health_command result."""
@@ -274,12 +290,63 @@ class Daemon:
             return
         snapshot = {n: self.raw.get(n, {}) for n in self.states}
         resources = [s.config for s in self.states.values()]
-        names: Set[str] = set()
+        ours = False
         for ev in batch:
             log.debug("udev %s %s (%s)", ev.action, ev.sys_path, ev.subsystem)
-            names.update(discovery.affected(resources, snapshot, ev.subsystem, ev.sys_path))
-        if names:
-            self._rescan(sorted(names))
+            for name, paths in discovery.touched(resources, snapshot, ev.subsystem, ev.sys_path).items():
+                ours = True
+                if ev.action == "move":
+                    self._udev_full.add(name)  # the old path is gone; only a scan knows what it was
+                for path in paths:
+                    # The event's own action for its device; an ancestor is looked at again ("change").
+                    self._udev_changes.setdefault(name, {})[path] = ev.action if path == ev.sys_path else "change"
+        if not ours:
+            return  # nothing of ours (a bdi device beside a loop device, say)
+        now = self.clock()
+        quiet = now - self._udev_arrived >= HOTPLUG_QUIET
+        self._udev_arrived = now
+        self._schedule_apply(quiet)
+
+    def _schedule_apply(self, quiet: bool) -> None:
+        """Apply the gathered changes now, or at the end of the hold-off after the last time."""
+        if not (self._udev_changes or self._udev_full) or self._udev_due is not None:
+            return
+        if quiet or self.clock() - self._udev_applied >= HOTPLUG_HOLDOFF:
+            self._apply_udev()
+        else:
+            self._udev_due = self._udev_applied + HOTPLUG_HOLDOFF
+
+    def _apply_udev(self) -> None:
+        """Rescan or refresh what the udev events gathered so far touched."""
+        changes, full = self._udev_changes, self._udev_full
+        self._udev_changes, self._udev_full, self._udev_due = {}, set(), None
+        self._udev_applied = self.clock()
+        for name, seen in changes.items():
+            # A burst that touches much of a resource costs less as one scan.
+            if len(seen) > max(8, len(self.raw.get(name, {})) // 2):
+                full.add(name)
+        full &= set(self.states)
+        if full:
+            self._rescan(sorted(full))
+        for name in sorted(set(changes) - full):
+            if name in self.states:
+                self._refresh(name, changes[name])
+
+    def _refresh(self, name: str, changes: Mapping[str, str]) -> None:
+        """Look again at only the devices an event touched."""
+        assert self.context is not None
+        res = self.states[name].config
+        result = discovery.refresh(self.context, res, self.raw.get(name, {}), changes)
+        if result is None:
+            self._rescan([name])
+            return
+        self.raw[name], problems = result
+        for problem in problems:
+            if problem not in self.problems:
+                self.problems.add(problem)
+                log.warning("%s", problem)
+        self._publish(name)
+        self._watch_devnodes()
 
     # --- reload ---------------------------------------------------------------------
 
@@ -377,7 +444,7 @@ class Daemon:
                 if interval is not None and now >= next_ping:
                     self.notifier.notify("WATCHDOG=1")
                     next_ping = now + interval
-                deadlines = [d for d in (self.connector.next_deadline(),
+                deadlines = [d for d in (self.connector.next_deadline(), self._udev_due,
                                          min(self.health_due.values(), default=None),
                                          next_ping if interval is not None else None) if d is not None]
                 timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
@@ -390,6 +457,8 @@ class Daemon:
                         self.connector.handle_inotify()
                     elif key.data == "devnodes":
                         self._handle_devnodes()
+                if self._udev_due is not None and self.clock() >= self._udev_due:
+                    self._apply_udev()
                 self._run_posted()
                 self._handle_signals(sel)
                 self.connector.run_due()
