@@ -535,27 +535,38 @@ def test_failed_post_check_stops_the_rollout(request: pytest.FixtureRequest, nod
 
 def test_other_kubelet_dir_gets_unit_dropins(request: pytest.FixtureRequest, node: Node, first_run: Run) -> None:
     """The units are written for the default kubelet directory; another one (k0s, microk8s)
-    needs the sandbox opened there and the path unit watching there."""
+    needs the sandbox opened there and the path unit watching there.  The plugin is rolled out
+    before that kubelet has created its directory, as on a node being set up."""
     assert first_run.rc == 0, first_run
     alt_dir, alt_state = "/var/lib/k0s/kubelet/device-plugins", "/run/standin-alt.json"
     service_dropin = f"/etc/systemd/system/{SERVICE}.d/ansible-kubelet-dir.conf"
     path_dropin = f"/etc/systemd/system/{PATH_UNIT}.d/ansible-kubelet-dir.conf"
+    assert not os.path.exists(node.ct.host_path("/var/lib/k0s"))
+    pid = node.main_pid()
+
+    # No kubelet there yet, so nothing can register: no post-check on this run.
+    run = node.apply(BASELINE, udev_device_plugin_kubelet_dir=alt_dir, udev_device_plugin_verify=False)
+    assert run.rc == 0, run
+    assert run.handlers() == ["Restart udev-device-plugin"], run
+    assert node.main_pid() not in (0, pid), "the daemon must restart, and start while the directory is missing"
+    assert os.path.exists(node.ct.host_path(service_dropin)) and os.path.exists(node.ct.host_path(path_dropin))
+    assert node.ct.unit_property(PATH_UNIT, "Paths") == f"{alt_dir}/kubelet.sock (PathChanged)"
+    assert os.path.isdir(node.ct.host_path(alt_dir)), "ExecStartPre= of the drop-in creates the directory"
+    case(request, f"kubelet_dir {alt_dir} (missing): unit drop-ins written, daemon restarted and waiting, "
+                  f"directory created, path unit watches {alt_dir}/kubelet.sock ({run.seconds:.0f}s)")
+
     start_standin(node.ct, "kubelet-stand-in-alt", alt_dir, alt_state)
     try:
-        pid = node.main_pid()
         run = node.apply(BASELINE, udev_device_plugin_kubelet_dir=alt_dir)
         assert run.rc == 0, run
-        assert run.handlers() == ["Restart udev-device-plugin"], run
-        assert node.main_pid() != pid
-        assert os.path.exists(node.ct.host_path(service_dropin)) and os.path.exists(node.ct.host_path(path_dropin))
-        assert node.ct.unit_property(PATH_UNIT, "Paths") == f"{alt_dir}/kubelet.sock (PathChanged)"
+        assert run.recap["node1"]["changed"] == 0, f"changed: {run.changed_tasks()}\n{run}"
         served = node.inspect_json()   # reads kubelet_dir from the main config the role wrote
         assert {r["resource"]: r["registered"] for r in served} == {n: True for n in _names(BASELINE)}
         assert all(r["socket"].startswith(alt_dir + "/") for r in served)
         wait_for(lambda: all(node.kubelet_view(alt_state).get(n) for n in _names(BASELINE)), 10,
                  "the stand-in kubelet in the other directory to see both resources")
-        case(request, f"kubelet_dir {alt_dir}: unit drop-ins written, daemon restarted and registered there, "
-                      f"path unit watches {alt_dir}/kubelet.sock ({run.seconds:.0f}s)")
+        case(request, f"kubelet in {alt_dir} started: registered there, the next run changes nothing and its "
+                      f"post-check passes ({run.seconds:.0f}s)")
     finally:
         node.ct.systemctl("stop", "kubelet-stand-in-alt.service", check=False)
 
