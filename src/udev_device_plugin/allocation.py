@@ -12,7 +12,8 @@ from .model import Device, natural_key
 
 
 class AllocationError(Exception):
-    """A request we refuse; ``kind`` is ``unknown`` (INVALID_ARGUMENT) or ``unhealthy`` (FAILED_PRECONDITION)."""
+    """A request we refuse; ``kind`` is ``unknown`` (INVALID_ARGUMENT), ``unhealthy`` or ``conflict``
+    (FAILED_PRECONDITION: the config maps two nodes to one container path)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -70,6 +71,12 @@ def allocate(res: ResourceConfig, devices: Mapping[str, Device], ids: Sequence[s
         if node not in seen:
             seen.add(node)
             nodes.append(DeviceNode(node, _container_path(res, None, node), res.permissions))
+    paths: Dict[str, str] = {}
+    for n in nodes:
+        if n.container_path in paths:
+            raise AllocationError("conflict", f"{res.name}: container_path {res.container_path.text!r} maps both "
+                                  f"{paths[n.container_path]} and {n.host_path} to {n.container_path}")
+        paths[n.container_path] = n.host_path
     values = {
         "ids": ",".join(d.id for d in chosen),
         "devnodes": ",".join(n.host_path for n in nodes),
@@ -85,6 +92,8 @@ def allocate(res: ResourceConfig, devices: Mapping[str, Device], ids: Sequence[s
 
 
 def _container_path(res: ResourceConfig, dev: Optional[Device], node: str) -> str:
+    if dev is None and ("{id}" in res.container_path.text or "{sys_name}" in res.container_path.text):
+        return node  # a shared extra node belongs to no device: it keeps its host path
     values = {
         "devnode": node,
         "name": node[len("/dev/"):] if node.startswith("/dev/") else os.path.basename(node),

@@ -203,6 +203,8 @@ def _globs(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ...]
         return ()
     if not words:
         c.error(section, key, value, "empty; accepted: one or more space-separated globs")
+    if any(w.startswith(("#", ";")) for w in words):
+        c.error(section, key, value, "comments must be on their own line; accepted: space-separated globs")
     return words
 
 
@@ -421,19 +423,16 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
 def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[ResourceConfig], List[str]]:
     """Parse one file: its ``[plugin]`` settings, its resources and its errors."""
     c = _Collector(source)
+    # configparser's strict mode stops at the first duplicate; find them all first, then
+    # parse leniently so every other problem of the file is reported in the same run.
+    c.errors.extend(_duplicates(text, source))
     # default_section is a name no admin writes, so [DEFAULT] is not magic and
     # stays an unknown section; no interpolation, so '%' is literal.
-    parser = configparser.ConfigParser(interpolation=None, strict=True,
+    parser = configparser.ConfigParser(interpolation=None, strict=False,
                                        default_section="\x00no-defaults", empty_lines_in_values=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # udev properties are upper case
     try:
         parser.read_string(text, source=source)
-    except configparser.DuplicateSectionError as exc:
-        c.errors.append(f"{source}: [{exc.section}] appears twice (line {exc.lineno})")
-        return {}, [], c.errors
-    except configparser.DuplicateOptionError as exc:
-        c.errors.append(f"{source}: [{exc.section}] {exc.option} is given twice (line {exc.lineno})")
-        return {}, [], c.errors
     except configparser.MissingSectionHeaderError as exc:
         c.errors.append(f"{source}: line {exc.lineno}: {_line(text, exc.lineno)!r} comes before any section; "
                         "accepted: [plugin] or [resource <vendor.example/name>] first")
@@ -462,6 +461,39 @@ def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[Resource
         else:
             c.error(section, None, None, "unknown section; accepted: [plugin] and [resource <vendor.example/name>]")
     return plugin, resources, c.errors
+
+
+_SECTION_LINE = re.compile(r"^\[(?P<header>.+)\]\s*$")
+
+
+def _duplicates(text: str, source: str) -> List[str]:
+    """Sections and keys given twice, with both line numbers (configparser's own rules:
+    a key line is not indented; indented lines continue the previous value)."""
+    errors: List[str] = []
+    sections: Dict[str, int] = {}
+    keys: Dict[str, int] = {}  # of the section being read: a repeated section is reported once, as such
+    section: Optional[str] = None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")) or line[:1].isspace():
+            continue
+        match = _SECTION_LINE.match(stripped)
+        if match:
+            section = match.group("header")
+            if section in sections:
+                errors.append(f"{source}: [{section}] appears twice (lines {sections[section]} and {lineno})")
+            else:
+                sections[section] = lineno
+            keys = {}
+            continue
+        if section is None:
+            continue
+        key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip()
+        if key in keys:
+            errors.append(f"{source}: [{section}] {key} is given twice (lines {keys[key]} and {lineno})")
+        else:
+            keys[key] = lineno
+    return errors
 
 
 def _line(text: str, lineno: int) -> str:

@@ -72,7 +72,8 @@ def device_message(dev: Device) -> api.Device:
     return msg
 
 
-_CODES = {"unknown": grpc.StatusCode.INVALID_ARGUMENT, "unhealthy": grpc.StatusCode.FAILED_PRECONDITION}
+_CODES = {"unknown": grpc.StatusCode.INVALID_ARGUMENT, "unhealthy": grpc.StatusCode.FAILED_PRECONDITION,
+          "conflict": grpc.StatusCode.FAILED_PRECONDITION}
 
 
 class DevicePluginServicer(api_grpc.DevicePluginServicer):

@@ -93,17 +93,26 @@ def test_permissions_on_every_node(perms, expected):
 @pytest.mark.parametrize("template, expected", [
     ("{devnode}", ["/dev/accel/accel0", "/dev/dri/renderD128", "/dev/vfio/vfio"]),
     ("/dev/{name}", ["/dev/accel/accel0", "/dev/dri/renderD128", "/dev/vfio/vfio"]),
-    ("/fpga/{id}/{name}", ["/fpga/a0/accel/accel0", "/fpga/a0/dri/renderD128", "/fpga/vfio/vfio"]),
-    ("/x/{sys_name}/{name}", ["/x/0000:3b:00.0/accel/accel0", "/x/0000:3b:00.0/dri/renderD128", "/x/vfio/vfio"]),
+    # The shared extra node belongs to no device: with {id} or {sys_name} it keeps its host path.
+    ("/fpga/{id}/{name}", ["/fpga/a0/accel/accel0", "/fpga/a0/dri/renderD128", "/dev/vfio/vfio"]),
+    ("/x/{sys_name}/{name}", ["/x/0000:3b:00.0/accel/accel0", "/x/0000:3b:00.0/dri/renderD128", "/dev/vfio/vfio"]),
     ("/{resource}/{name}", ["/example.com/accel/accel/accel0", "/example.com/accel/dri/renderD128",
                             "/example.com/accel/vfio/vfio"]),
-    ("/dev/same", ["/dev/same"] * 3),
 ])
 def test_container_path_templates(template, expected):
     r = res(f"container_path = {template}\nextra_devnodes = /dev/vfio/vfio")
     got = allocation.allocate(r, DEVICES, ["a0"])
     assert [n.container_path for n in got.devices] == expected
     assert [n.host_path for n in got.devices] == ["/dev/accel/accel0", "/dev/dri/renderD128", "/dev/vfio/vfio"]
+
+
+@pytest.mark.parametrize("template", ["/dev/same", "/dev/fpga/{id}"])
+def test_two_nodes_on_one_container_path_are_refused_naming_both(template):
+    r = res(f"container_path = {template}\nextra_devnodes = /dev/vfio/vfio")
+    with pytest.raises(allocation.AllocationError) as info:
+        allocation.allocate(r, DEVICES, ["a0"])
+    assert info.value.kind == "conflict"
+    assert "/dev/accel/accel0" in str(info.value) and "/dev/dri/renderD128" in str(info.value)
 
 
 def test_mounts_env_annotations_rendered():

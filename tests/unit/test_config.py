@@ -499,20 +499,40 @@ def test_no_interpolation():
 def test_duplicate_section():
     message = one_error("[plugin]\n[resource example.com/a]\nsubsystem = mem\n\n[resource example.com/a]\n"
                         "subsystem = misc\n")
-    assert message == f"{SRC}: [resource example.com/a] appears twice (line 5)"
+    assert message == f"{SRC}: [resource example.com/a] appears twice (lines 2 and 5)"
 
 
 def test_duplicate_plugin_section():
-    assert one_error("[plugin]\nlog_level = info\n[plugin]\n") == f"{SRC}: [plugin] appears twice (line 3)"
+    assert one_error("[plugin]\nlog_level = info\n[plugin]\n") == f"{SRC}: [plugin] appears twice (lines 1 and 3)"
 
 
-@pytest.mark.parametrize("text, section, key, line", [
-    ("[plugin]\nlog_level = info\nlog_level = debug\n", "plugin", "log_level", 3),
-    ("[resource example.com/a]\nsubsystem = mem\nkernel = a\nkernel = b\n", "resource example.com/a", "kernel", 4),
-    ("[resource example.com/a]\nsubsystem = mem\nsubsystem = mem\n", "resource example.com/a", "subsystem", 3),
+@pytest.mark.parametrize("text, section, key, lines", [
+    ("[plugin]\nlog_level = info\nlog_level = debug\n", "plugin", "log_level", "2 and 3"),
+    ("[resource example.com/a]\nsubsystem = mem\nkernel = a\nkernel = b\n", "resource example.com/a", "kernel",
+     "3 and 4"),
+    ("[resource example.com/a]\nsubsystem = mem\nsubsystem = mem\n", "resource example.com/a", "subsystem",
+     "2 and 3"),
 ])
-def test_duplicate_key(text, section, key, line):
-    assert one_error(text) == f"{SRC}: [{section}] {key} is given twice (line {line})"
+def test_duplicate_key(text, section, key, lines):
+    assert one_error(text) == f"{SRC}: [{section}] {key} is given twice (lines {lines})"
+
+
+def test_every_duplicate_and_every_other_error_of_a_file_at_once():
+    messages = errors("[plugin]\nlog_level = info\nlog_level = loud\n"
+                      "[resource example.com/a]\nsubsystem = mem\nkernel = a\nkernel = b\nbogus = 1\n"
+                      "[plugin]\n")
+    assert f"{SRC}: [plugin] log_level is given twice (lines 2 and 3)" in messages
+    assert f"{SRC}: [resource example.com/a] kernel is given twice (lines 6 and 7)" in messages
+    assert f"{SRC}: [plugin] appears twice (lines 1 and 9)" in messages
+    # Parsing goes on past the duplicates: the later value and the unknown key are judged too.
+    assert any("log_level = 'loud'" in m for m in messages)
+    assert any("bogus: unknown key" in m for m in messages)
+
+
+@pytest.mark.parametrize("value", ["null  # the null device", "null ;comment"])
+def test_inline_comment_in_a_glob_list_is_refused(value):
+    message = one_error(f"[resource example.com/a]\nsubsystem = mem\nkernel = {value}\n")
+    assert "comments must be on their own line" in message
 
 
 def test_same_resource_twice_in_one_file_under_different_spellings():
