@@ -149,7 +149,8 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
             out.annotations.update(dict(alloc.annotations))
             granted.extend(creq.devices_ids)
         self.state.mark_allocated(tuple(granted))
-        log.info("%s: allocated %s", config.name, ", ".join(granted))
+        # Not INFO: the kubelet logs every allocation itself, and this is the hot path.
+        log.debug("%s: allocated %s", config.name, ", ".join(granted))
         return response
 
     def PreStartContainer(self, request: api.PreStartContainerRequest,

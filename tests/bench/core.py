@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from concurrent import futures
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import grpc
 
@@ -84,33 +84,46 @@ def wakeups(pid: int) -> dict:
     return out
 
 
-def measure(call: Callable[[], object]) -> Tuple[List[float], List[float]]:
-    """Latencies in ms: sequential, then 200 concurrent callers."""
-    for _ in range(100):
-        call()
-    seq = []
-    for _ in range(SEQUENTIAL_CALLS):
+def sequential(call: Callable[[], object], n: int) -> List[float]:
+    out = []
+    for _ in range(n):
         t0 = time.perf_counter()
         call()
-        seq.append((time.perf_counter() - t0) * 1000)
-    conc: List[float] = []
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def concurrent(call: Callable[[], object], callers: int, each: int) -> List[float]:
+    """Latencies of ``callers`` threads calling at once, ``each`` calls apiece."""
+    out: List[float] = []
     lock = threading.Lock()
-    start = threading.Barrier(CONCURRENT_CALLERS)
+    start = threading.Barrier(callers)
 
     def caller() -> None:
-        mine = []
         start.wait()
-        for _ in range(CALLS_PER_CALLER):
-            t0 = time.perf_counter()
-            call()
-            mine.append((time.perf_counter() - t0) * 1000)
+        mine = sequential(call, each)
         with lock:
-            conc.extend(mine)
+            out.extend(mine)
 
-    with futures.ThreadPoolExecutor(CONCURRENT_CALLERS) as pool:
-        for f in [pool.submit(caller) for _ in range(CONCURRENT_CALLERS)]:
+    with futures.ThreadPoolExecutor(callers) as pool:
+        for f in [pool.submit(caller) for _ in range(callers)]:
             f.result()
-    return seq, conc
+    return out
+
+
+def compare(calls: Dict[str, Callable[[], object]], rounds: int = 5) -> Dict[str, Tuple[List[float], List[float]]]:
+    """Sequential and concurrent latencies (ms) per call, measured in interleaved rounds so that
+    both servers see the same machine (warm-up, other load, frequency) in turn."""
+    results: Dict[str, Tuple[List[float], List[float]]] = {name: ([], []) for name in calls}
+    for call in calls.values():
+        sequential(call, 300)  # warm-up: connections, threads, caches
+    for _ in range(rounds):
+        for name, call in calls.items():
+            results[name][0].extend(sequential(call, SEQUENTIAL_CALLS // rounds))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            results[name][1].extend(concurrent(call, CONCURRENT_CALLERS, max(1, CALLS_PER_CALLER // rounds)))
+    return results
 
 
 def restarts(kubelet: StandInKubelet, resources: int) -> List[float]:
@@ -159,34 +172,33 @@ def run(report: Report) -> None:
         kubelet_dir = os.path.join(tmp, "dp")
         os.makedirs(kubelet_dir)
 
-        # --- the bare grpcio server, for comparison ---------------------------------
+        # --- the bare grpcio server, for comparison, running beside the daemon ---------
         bare_sock = os.path.join(tmp, "bare.sock")
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, bare_sock, src], stdout=subprocess.PIPE,
                                 text=True)
         assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
-        channel = grpc.insecure_channel("unix:" + bare_sock)
-        echo = channel.unary_unary("/bench.Bare/Echo", request_serializer=None, response_deserializer=None)
-        payload = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(
-            devices_ids=["null"])]).SerializeToString()
-        bare_seq, bare_conc = measure(lambda: echo(payload, timeout=30))
-        bare_rss = rss_mib(bare.pid)
-        channel.close()
-        stop(bare)
-
-        # --- the daemon with the example config -------------------------------------
         kubelet = StandInKubelet(kubelet_dir).start()
         daemon = start_daemon(write_config(tmp, open(EXAMPLE).read()), kubelet_dir)
         try:
             names = ["example.com/mem", "example.com/loop", "example.com/kvm", "example.com/fuse"]
             if not kubelet.wait_for(lambda: all(n in kubelet.devices for n in names), 30):
                 raise SystemExit("the daemon did not register its resources")
+            channel = grpc.insecure_channel("unix:" + bare_sock)
+            echo = channel.unary_unary("/bench.Bare/Echo", request_serializer=None, response_deserializer=None)
+            payload = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(
+                devices_ids=["null"])]).SerializeToString()
             # A channel of its own, set up as the bare call's is, so the figures differ only by
             # the server (the stand-in's own channel also carries its ListAndWatch stream).
             alloc_channel = grpc.insecure_channel("unix:" + kubelet.client("example.com/mem").path)
             stub = api_grpc.DevicePluginStub(alloc_channel)
             request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])])
-            alloc_seq, alloc_conc = measure(lambda: stub.Allocate(request, timeout=30))
+            got = compare({"bare": lambda: echo(payload, timeout=30),
+                           "allocate": lambda: stub.Allocate(request, timeout=30)})
+            (bare_seq, bare_conc), (alloc_seq, alloc_conc) = got["bare"], got["allocate"]
+            bare_rss = rss_mib(bare.pid)
+            channel.close()
             alloc_channel.close()
+            stop(bare)
             report("bare grpcio unary p50, sequential", statistics.median(bare_seq), "ms")
             report("bare grpcio unary p99, sequential", percentile(bare_seq, 99), "ms")
             report("Allocate p50, sequential", statistics.median(alloc_seq), "ms")
@@ -218,7 +230,13 @@ def run(report: Report) -> None:
             report(f"all-thread wake-ups in {idle:.0f} s idle (gRPC core timers included)", total / idle, "per s")
 
             # --- kubelet restart -> every resource registered again ---------------------
+            fds, threads = len(os.listdir(f"/proc/{daemon.pid}/fd")), len(os.listdir(f"/proc/{daemon.pid}/task"))
             times = restarts(kubelet, len(names))
+            report("daemon open files before the restarts", fds, "fds")
+            report(f"daemon open files after {RESTARTS} restarts", len(os.listdir(f"/proc/{daemon.pid}/fd")), "fds")
+            report("daemon threads before the restarts", threads, "threads")
+            report(f"daemon threads after {RESTARTS} restarts", len(os.listdir(f"/proc/{daemon.pid}/task")), "threads")
+            report(f"daemon RSS after {RESTARTS} restarts", rss_mib(daemon.pid), "MiB")
             report(f"kubelet restart -> 4 resources registered p50 ({RESTARTS} restarts)", statistics.median(times),
                    "ms")
             report(f"kubelet restart -> 4 resources registered p99 ({RESTARTS} restarts)", percentile(times, 99),
