@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from .container import HostNotReady, require_host, rootfs
+from .container import Container, HostNotReady, require_host, rootfs
 from .log import say, use_config
 from .packages import build_rpm
 
@@ -32,6 +32,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
     for item in items:
         if str(item.path).startswith(HERE + os.sep):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the journal of its container, still running at this point."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        ct = value if isinstance(value, Container) else getattr(value, "ct", None)
+        if isinstance(ct, Container) and ct.leader:
+            try:
+                text = ct.run("journalctl", "--no-pager", "-o", "short-precise", "-n", "300", check=False).stdout
+            except Exception as exc:  # noqa: BLE001 - the report must not fail
+                text = f"(journal unavailable: {exc!r})"
+            report.sections.append((f"journal of container {ct.name} (last 300 lines)", text))
 
 
 @pytest.fixture(scope="session")
