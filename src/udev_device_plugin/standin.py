@@ -98,6 +98,9 @@ class StandInKubelet:
         self.socket = os.path.join(directory, KUBELET_SOCKET)
         self.state_file = state_file
         self.cond = threading.Condition()
+        # Register handlers and stream watchers write the state file from their own
+        # threads; one writer at a time, or two share the tmp name and one replace fails.
+        self._write_lock = threading.Lock()
         self.registrations: List[Dict[str, Any]] = []
         self.clients: Dict[str, _Client] = {}
         self.devices: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -281,10 +284,11 @@ class StandInKubelet:
     def _write_state(self) -> None:
         if not self.state_file:
             return
-        tmp = f"{self.state_file}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.snapshot(), f, indent=1, sort_keys=True)
-        os.replace(tmp, self.state_file)
+        with self._write_lock:
+            tmp = f"{self.state_file}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.snapshot(), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.state_file)
 
 
 class _Registration(api_grpc.RegistrationServicer):
