@@ -7,9 +7,11 @@ Applied (root: debootstrap, nspawn): ``ansible/playbooks/rollout.yml`` runs on t
 against a booted systemd container (tests/integration/container.py), reached through the
 ``nsenter`` connection plugin beside this file, so the role's modules run on the
 container's own Debian python3 as they would on a node reached over SSH.  The package is
-the project's RPM built by ``packaging/rpm.mk`` (installed with the role's ``rpm`` method:
-the container has no dnf); a stand-in kubelet runs inside as a transient unit, from the
-source tree bind-mounted read-only (it must run before the role installs the package).
+the project's RPM, releases 1 and 2, built with ``make rpm`` (tests/integration/packages.py)
+and installed with the role's ``rpm`` method (the container has no dnf); a stand-in kubelet
+runs inside as a transient unit, from the source tree bind-mounted read-only (it must run
+before the role installs the package).  Missing tools fail these tests, naming what to
+install; ``UDP_SKIP_INTEGRATION=1`` skips them, as it does tests/integration.
 
 Every case prints one ``CASE ...`` line (through pytest's terminal reporter, so it shows
 in CI's log without ``-s``).  The container cases share one container and each starts
