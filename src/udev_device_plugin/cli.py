@@ -75,8 +75,13 @@ def serve_cmd(config_path: str, kubelet_dir: Optional[str]) -> None:
 @_config_option
 @click.option("--dropin", "dropins", multiple=True, metavar="FILE",
               help="Check FILE as if it were in conf.d/ (replacing a drop-in of the same name). Repeatable.")
-def check_config(config_path: str, dropins: List[str]) -> None:
+@click.option("--kubelet-dir", default=None,
+              help="As for serve, so the unit can check with the same options it serves with.")
+def check_config(config_path: str, dropins: List[str], kubelet_dir: Optional[str]) -> None:
     """Validate the configuration; exit 0 when valid, 78 with every problem otherwise."""
+    if kubelet_dir is not None and (not kubelet_dir.startswith("/") or os.path.normpath(kubelet_dir) != kubelet_dir):
+        click.echo(f"--kubelet-dir {kubelet_dir!r}: accepted: a normalized absolute directory path", err=True)
+        sys.exit(EXIT_CONFIG)
     cfg = _load_or_exit(config_path, list(dropins))
     click.echo(f"configuration valid: {len(cfg.resources)} resource(s) from {len(cfg.sources)} file(s)")
     for res in cfg.resources:

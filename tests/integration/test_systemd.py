@@ -273,11 +273,19 @@ def test_reload_applies_config_and_refuses_invalid(node: Node) -> None:
     say(f"systemctl reload: the new config applies in PID {pid} (kubelet sees {sorted(node.devices())})")
 
     node.ct.write_file(TEST_CONF, MEM_CONF + "bogus_key = 1\n")
-    node.ct.systemctl("reload", UNIT)
+    out = node.ct.systemctl("reload", UNIT, check=False)
+    assert out.returncode != 0, "systemctl reload must fail visibly on an invalid config"
+    wait_for(lambda: any("bogus_key" in m for m in node.messages()), 10, "the check-config error in the journal")
+    assert node.main_pid() == pid and node.active() and sorted(node.devices()) == ["full", "null", "zero"]
+    say("systemctl reload with an invalid config: the reload fails (ExecReload check-config), "
+        "the error is in journalctl -u, the daemon keeps running its config")
+
+    # A SIGHUP that reaches the daemon anyway (kill -HUP by hand): it refuses and keeps its config too.
+    node.ct.systemctl("kill", "--kill-who=main", "--signal=SIGHUP", UNIT)
     node.wait_message("reload refused")
     wait_for(lambda: node.active(), 10, "the daemon to be active again after the refused reload")
     assert node.main_pid() == pid and sorted(node.devices()) == ["full", "null", "zero"]
-    say("systemctl reload with an invalid config: refused and logged, the running config is kept")
+    say("SIGHUP with an invalid config: refused and logged by the daemon, the running config is kept")
 
 
 def test_invalid_config_fails_start_without_restart_loop(node: Node) -> None:
