@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VENV_OLD := .venv-old
+VENV_ANSIBLE := .venv-ansible
 # The oldest stack we support (RHEL 9 era) and the newest releases; CI tests both.
 OLD_PINS := grpcio==1.49.1 protobuf==3.20.3 pyudev==0.22.0 click==7.1.2 sdnotify==0.3.2
 DEV_TOOLS := pytest pytest-timeout ruff mypy
@@ -12,7 +13,7 @@ SYSCONFDIR ?= /etc
 DESTDIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: all demo venv venv-old test test-unit test-new test-old test-system lint check bench install clean proto
+.PHONY: all demo venv venv-old venv-ansible test test-unit test-new test-old test-system lint check bench install clean proto
 
 all: check
 
@@ -28,8 +29,15 @@ $(VENV_OLD)/.stamp: setup.cfg pyproject.toml
 	$(VENV_OLD)/bin/pip install -q --no-deps -e .
 	touch $@
 
+# ansible-core and ansible-lint live apart: ansible-lint pulls in many packages.
+$(VENV_ANSIBLE)/.stamp: ansible/requirements.txt
+	$(PYTHON) -m venv $(VENV_ANSIBLE)
+	$(VENV_ANSIBLE)/bin/pip install -q -r ansible/requirements.txt
+	touch $@
+
 venv: $(VENV)/.stamp
 venv-old: $(VENV_OLD)/.stamp
+venv-ansible: $(VENV_ANSIBLE)/.stamp
 
 # README's first command: serve the example devices to a stand-in kubelet and show what it sees.
 demo: venv
@@ -48,7 +56,7 @@ test-new: venv
 test-old: venv-old
 	$(VENV_OLD)/bin/python -m pytest tests/unit tests/e2e tests/hotplug $(PYTEST_ARGS)
 
-test-system: venv
+test-system: venv venv-ansible
 	$(VENV)/bin/python -m pytest tests/integration tests/ansible $(PYTEST_ARGS)
 
 lint: venv
