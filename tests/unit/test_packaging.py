@@ -50,6 +50,21 @@ def test_shipped_config_shows_every_plugin_key_with_its_default(key: str) -> Non
     assert f"#{key} = {default}\n" in read("etc", "udev-device-plugin.conf")
 
 
+@pytest.mark.parametrize("key", sorted(config.RESOURCE_KEYS))
+def test_shipped_config_documents_every_resource_key(key: str) -> None:
+    text = read("etc", "udev-device-plugin.conf")
+    pattern = re.escape(key).replace("<NAME>", "[A-Z_]+").replace("<name>", "[a-z_]+")
+    assert re.search(rf"^#{pattern} = ", text, re.M), f"{key} is not shown in etc/udev-device-plugin.conf"
+
+
+def test_shipped_example_resource_is_valid_once_uncommented() -> None:
+    text = read("etc", "udev-device-plugin.conf")
+    start = text.index("#[resource example.com/fpga]")
+    lines = [line[1:] for line in text[start:].splitlines() if line.startswith("#") and not line.startswith("##")]
+    cfg = config.parse([("uncommented", "\n".join(lines) + "\n")])
+    assert [r.name for r in cfg.resources] == ["example.com/fpga"]
+
+
 def test_shipped_config_is_valid_and_sets_nothing() -> None:
     cfg = config.parse([("udev-device-plugin.conf", read("etc", "udev-device-plugin.conf"))])
     assert cfg.plugin == config.PluginConfig() and cfg.resources == ()
