@@ -198,7 +198,6 @@ def run(report: Report) -> None:
             bare_rss = rss_mib(bare.pid)
             channel.close()
             alloc_channel.close()
-            stop(bare)
             report("bare grpcio unary p50, sequential", statistics.median(bare_seq), "ms")
             report("bare grpcio unary p99, sequential", percentile(bare_seq, 99), "ms")
             report("Allocate p50, sequential", statistics.median(alloc_seq), "ms")
@@ -218,16 +217,21 @@ def run(report: Report) -> None:
 
             # --- idle: no ListAndWatch message, no busy wake-ups --------------------------
             messages = dict(kubelet.messages)
-            before = wakeups(daemon.pid)
+            before, bare_before = wakeups(daemon.pid), wakeups(bare.pid)
             idle = 5.0
             time.sleep(idle)  # the idle window being measured, not a synchronisation
-            after = wakeups(daemon.pid)
+            after, bare_after = wakeups(daemon.pid), wakeups(bare.pid)
+            stop(bare)
             report(f"ListAndWatch messages in {idle:.0f} s idle",
                    sum(kubelet.messages.values()) - sum(messages.values()), "messages")
             report(f"main thread wake-ups in {idle:.0f} s idle", after.get(daemon.pid, 0) - before.get(daemon.pid, 0),
                    "wake-ups")
             total = sum(after.get(t, 0) - before.get(t, 0) for t in after)
-            report(f"all-thread wake-ups in {idle:.0f} s idle (gRPC core timers included)", total / idle, "per s")
+            bare_total = sum(bare_after.get(t, 0) - bare_before.get(t, 0) for t in bare_after)
+            # grpcio's server threads poll their completion queue in 200 ms steps (to check
+            # for signals): one such thread per server, i.e. per resource.
+            report("all-thread wake-ups idle, daemon with 4 gRPC servers (grpcio internals)", total / idle, "per s")
+            report("all-thread wake-ups idle, bare grpcio server (1 server)", bare_total / idle, "per s")
 
             # --- kubelet restart -> every resource registered again ---------------------
             fds, threads = len(os.listdir(f"/proc/{daemon.pid}/fd")), len(os.listdir(f"/proc/{daemon.pid}/task"))
@@ -244,6 +248,8 @@ def run(report: Report) -> None:
         finally:
             stop(daemon)
             kubelet.stop()
+            if bare.poll() is None:
+                stop(bare)
 
         # --- one resource: re-registration of a single socket ---------------------------
         kubelet = StandInKubelet(kubelet_dir).start()
