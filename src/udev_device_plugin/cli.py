@@ -136,17 +136,20 @@ def standin_cmd(kubelet_dir: str, state_file: Optional[str]) -> None:
     kubelet = StandInKubelet(kubelet_dir, state_file).start()
     stop = threading.Event()
     restart = threading.Event()
+    wake = threading.Event()  # either of the two: a wait on `stop` alone slept through SIGHUP
 
     def on_signal(signum: int, frame: object) -> None:
         (restart if signum == signal.SIGHUP else stop).set()
+        wake.set()
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     click.echo(f"stand-in kubelet serving {kubelet.socket}", err=True)
     try:
         while not stop.is_set():
-            stop.wait(3600) if not restart.is_set() else None
-            if restart.is_set():
+            wake.wait(3600)
+            wake.clear()
+            if restart.is_set() and not stop.is_set():
                 restart.clear()
                 kubelet.restart()
                 click.echo("stand-in kubelet restarted", err=True)

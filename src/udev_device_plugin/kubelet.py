@@ -260,8 +260,16 @@ class KubeletConnector:
     def _register(self, plugin: ResourcePlugin) -> None:
         kubelet = socket_identity(self.kubelet_socket)
         endpoint = plugin.endpoint
-        if endpoint is not None and endpoint.alive() and plugin.in_flight == kubelet:
-            return  # this kubelet is answering a Register of ours already
+        if endpoint is not None and endpoint.alive() and (
+                (endpoint.offered and plugin.in_flight == kubelet)
+                or (plugin.registered and plugin.registered_with == kubelet)):
+            # This kubelet is answering a Register that names this very socket, or accepted it
+            # already: inotify can report a restart in two batches (our socket gone, then
+            # kubelet.sock created), and registering again would retire a stream the kubelet just
+            # opened (older kubelets then drop the new registration too, upstream issue
+            # kubernetes/kubernetes#121994).  A Register still under way for a socket we have since
+            # replaced covers nothing: the new socket is registered (the old answer is ignored).
+            return
         # Every Register names a socket no kubelet has seen (KUBELET.md: duplicates on one
         # path are refused by new kubelets and break old ones).
         if endpoint is None or endpoint.offered or not endpoint.alive():
@@ -396,7 +404,7 @@ class KubeletConnector:
             endpoint = plugin.endpoint
             alive = endpoint is not None and endpoint.alive()
             current = alive and plugin.registered and plugin.registered_with == kubelet
-            if current or (alive and plugin.in_flight == kubelet):
+            if current or (alive and endpoint is not None and endpoint.offered and plugin.in_flight == kubelet):
                 continue
             redone.append(plugin.name)
             self._reregister(plugin)
