@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, NamedTuple, Optional
 
 import pytest
 
@@ -47,28 +48,46 @@ def kubelet(kubelet_dir) -> Iterator[StandInKubelet]:
         k.stop()
 
 
+class Notification(NamedTuple):
+    """One sd_notify datagram: when it arrived, the sending process (from SCM_CREDENTIALS) and its text."""
+
+    time: float  # time.time() on receipt
+    pid: Optional[int]
+    text: str
+
+
 class Notifications:
-    """A NOTIFY_SOCKET of our own: records every sd_notify datagram."""
+    """A NOTIFY_SOCKET of our own: records every sd_notify datagram and, as systemd does with
+    NotifyAccess=main, the PID of its sender (SO_PASSCRED makes the kernel attach it)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(path)
         self.sock.settimeout(0.05)
         self.messages: List[str] = []
+        self.records: List[Notification] = []
         self._stop = False
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
+        creds = struct.Struct("iII")  # struct ucred: pid, uid, gid
         while not self._stop:
             try:
-                data = self.sock.recv(65536)
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(creds.size))
             except socket.timeout:
                 continue
             except OSError:
                 return
-            self.messages.append(data.decode())
+            pid = None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = creds.unpack(payload[:creds.size])[0]
+            text = data.decode()
+            self.records.append(Notification(time.time(), pid, text))
+            self.messages.append(text)
 
     def lines(self) -> List[str]:
         return [line for m in list(self.messages) for line in m.splitlines()]
