@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Set
 
 # Keep what the command prints in a message short enough for a log line.
 _TAIL = 300
+
+# Commands running now, so that stopping the daemon can end them (they run in sessions of
+# their own, which systemd's cgroup would end, but a foreground run would not).
+_running: Set[subprocess.Popen[bytes]] = set()
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,25 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Result:
                                 stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
     except OSError as exc:
         return Result(False, False, f"cannot run {argv[0]}: {exc.strerror}")
+    with _lock:
+        _running.add(proc)
+    try:
+        return _wait(proc, argv, timeout)
+    finally:
+        with _lock:
+            _running.discard(proc)
+
+
+def kill_running() -> int:
+    """End every command still running (their process groups); return how many."""
+    with _lock:
+        procs = list(_running)
+    for proc in procs:
+        _kill_group(proc)
+    return len(procs)
+
+
+def _wait(proc: subprocess.Popen[bytes], argv: Sequence[str], timeout: float) -> Result:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -108,6 +108,7 @@ class PluginConfig:
     events: str = "auto"
     register_timeout: float = 5.0
     register_backoff_max: float = 10.0
+    ready_timeout: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "events": ("auto", "where device events go: journal, stderr, or auto (journal if running)"),
     "register_timeout": ("5", "seconds to wait for the kubelet to answer Register"),
     "register_backoff_max": ("10", "longest wait, in seconds, between failed Register attempts"),
+    "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -309,6 +311,10 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
                 into[key] = num
         elif key == "register_backoff_max":
             num = _number(c, section, key, value, 0, 300)
+            if num is not None:
+                into[key] = num
+        elif key == "ready_timeout":
+            num = _number(c, section, key, value, 0, 3600)
             if num is not None:
                 into[key] = num
         else:

@@ -71,6 +71,7 @@ class Daemon:
         self._stop = False
         self._ready = False
         self._started = False
+        self._started_at = 0.0
         self._status = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -118,6 +119,7 @@ class Daemon:
         self._update_status()
 
     def start(self) -> None:
+        self._started_at = self.clock()
         self.context = self.context_factory()
         # The monitor opens before the first enumeration, so nothing in between is lost.
         self.monitor = self.monitor_factory(self.context)
@@ -393,6 +395,12 @@ class Daemon:
 
     # --- status and readiness ------------------------------------------------------------
 
+    def _ready_deadline(self) -> float:
+        # READY=1 waits for the kubelet to accept every registration; a kubelet that keeps
+        # refusing (or a kubelet.sock nobody answers) must not hold the unit's start until
+        # systemd gives up (TimeoutStartSec): past ready_timeout, READY=1 says why.
+        return self._started_at + self.cfg.plugin.ready_timeout
+
     def _summary(self) -> str:
         devices = [d for s in self.states.values() for d in s.current()[1].values()]
         sick = sum(1 for d in devices if d.health != HEALTHY)
@@ -406,11 +414,17 @@ class Daemon:
     def _update_status(self) -> None:
         if self.connector is None or not self._started:
             return
-        if not self._ready and self.connector.settled():
+        if not self._ready and (self.connector.settled() or self._ready_deadline() <= self.clock()):
             self._ready = True
-            self.notifier.notify("READY=1", f"STATUS={self._summary()}")
             self._status = self._summary()
-            log.info("ready: %s", self._status)
+            if not self.connector.settled():
+                errors = sorted({p.last_error for p in self.connector.plugins.values() if p.last_error})
+                self._status += "; " + "; ".join(errors)
+                log.warning("ready without every registration after %g s: %s", self.cfg.plugin.ready_timeout,
+                            self._status)
+            else:
+                log.info("ready: %s", self._status)
+            self.notifier.notify("READY=1", f"STATUS={self._status}")
             return
         if self._ready:
             summary = self._summary()
@@ -445,6 +459,7 @@ class Daemon:
                     self.notifier.notify("WATCHDOG=1")
                     next_ping = now + interval
                 deadlines = [d for d in (self.connector.next_deadline(), self._udev_due,
+                                         None if self._ready else self._ready_deadline(),
                                          min(self.health_due.values(), default=None),
                                          next_ping if interval is not None else None) if d is not None]
                 timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
@@ -511,6 +526,9 @@ class Daemon:
                 self.connector.verify()
 
     def _shutdown(self) -> None:
+        # A prestart or health command still running would hold its handler thread, and so
+        # the exit: end it (its caller, the kubelet, gets an error).
+        commands.kill_running()
         if self.connector is not None:
             self.connector.close()
         self.health_pool.shutdown(wait=False, cancel_futures=True)
@@ -572,10 +590,16 @@ def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
 
 
 def _exit_leftover_threads(status: int) -> None:
-    """A prestart or health command still running must not hold the exit past systemd's patience."""
+    """A handler still finishing must not hold the exit past systemd's patience.
+
+    Our pools' threads (gRPC handlers, health checks) are joined by concurrent.futures at
+    interpreter exit, whatever their daemon flag; their commands were killed in _shutdown.
+    """
     deadline = time.monotonic() + 2.0
     for thread in threading.enumerate():
-        if thread is threading.current_thread() or thread.daemon:
+        if thread is threading.current_thread():
+            continue
+        if thread.daemon and not thread.name.startswith(("grpc_", "health_")):
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():

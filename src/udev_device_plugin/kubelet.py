@@ -420,12 +420,12 @@ class KubeletConnector:
         return socket_identity(self.kubelet_socket) is not None
 
     def settled(self) -> bool:
-        """Every resource serves, and has its first Register answer when a kubelet is there."""
+        """Every resource serves and, when a kubelet is there, it accepted every registration."""
         if not all(p.endpoint is not None for p in self.plugins.values()):
             return False
         if not self.kubelet_present():
             return True
-        return all(p.first_result for p in self.plugins.values())
+        return all(p.registered for p in self.plugins.values())
 
     def summary(self) -> str:
         total = len(self.plugins)

@@ -47,10 +47,6 @@ def test_clean_stop(kubelet, start_daemon, kubelet_dir, sig):
     assert f"{signal.Signals(sig).name} received: stopping" in daemon.log()
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported, not fixed here: a PreStartContainer handler still "
-                   "running holds the exit until its command ends (gRPC's handler threads inherit daemon=True "
-                   "from the server thread, so _exit_leftover_threads skips them, but concurrent.futures joins "
-                   "them at exit)")
 def test_stop_while_a_prestart_command_runs(kubelet, start_daemon, kubelet_dir, tmp_path):
     """A PreStartContainer call in progress does not hold the exit past 5 s."""
     started = tmp_path / "started"

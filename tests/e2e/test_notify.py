@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import List
-
-import pytest
 
 from ..conftest import Notification, wait_until
 from .helpers import LOOP, LOOP_CONF, MEM, MEM_CONF, RecordingKubelet, rewrite_config, wait_log
@@ -100,8 +99,6 @@ def test_invalid_reload_is_announced_and_ready_again(kubelet, start_daemon, noti
     assert {r.pid for r in notifications.records} == {daemon.pid}
 
 
-@pytest.mark.xfail(strict=True, reason="READY=1 goes out after the first Register *answer*, a refusal included; "
-                   "INTERFACES.md and issue 2 say after the kubelet *accepted* it (reported, not changed here)")
 def test_ready_waits_for_an_accepted_registration(kubelet_dir, start_daemon, notifications):
     kubelet = RecordingKubelet(kubelet_dir, refuse=3, refusal="not ready yet").start()
     try:
@@ -111,5 +108,26 @@ def test_ready_waits_for_an_accepted_registration(kubelet_dir, start_daemon, not
         wait_log(daemon, "ready:")
         [ready] = with_line(notifications.records, "READY=1")
         assert ready.time >= kubelet.registrations[0]["time"]
+    finally:
+        kubelet.stop()
+
+
+def test_ready_after_ready_timeout_when_the_kubelet_keeps_refusing(kubelet_dir, start_daemon, notifications):
+    """A kubelet that never accepts must not hold the unit's start: READY=1 after ready_timeout, with
+    the Register error in STATUS=, and the daemon goes on retrying."""
+    kubelet = RecordingKubelet(kubelet_dir, refuse=10**6, refusal="device plugins are disabled").start()
+    try:
+        started = time.time()
+        daemon = start_daemon("[plugin]\nregister_backoff_max = 0.2\nready_timeout = 1\n" + MEM_CONF,
+                              env={"NOTIFY_SOCKET": notifications.path})
+        wait_until(lambda: with_line(notifications.records, "READY=1"), 10, "READY=1 after ready_timeout")
+        [ready] = with_line(notifications.records, "READY=1")
+        status = [line for line in ready.text.splitlines() if line.startswith("STATUS=")]
+        assert status and "0/1 resource(s) registered" in status[0], ready.text
+        assert "device plugins are disabled" in status[0], ready.text
+        assert ready.time - started >= 1.0
+        retries = len(kubelet.requests)
+        wait_until(lambda: len(kubelet.requests) > retries, 5, "Register to be retried after READY=1")
+        wait_log(daemon, "ready without every registration")
     finally:
         kubelet.stop()
