@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .config import ResourceConfig
 from .model import Device, natural_key
@@ -20,15 +20,13 @@ class AllocationError(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True)
-class DeviceNode:
+class DeviceNode(NamedTuple):
     host_path: str
     container_path: str
     permissions: str
 
 
-@dataclass(frozen=True)
-class MountSpec:
+class MountSpec(NamedTuple):
     host_path: str
     container_path: str
     read_only: bool
@@ -92,6 +90,8 @@ def allocate(res: ResourceConfig, devices: Mapping[str, Device], ids: Sequence[s
 
 
 def _container_path(res: ResourceConfig, dev: Optional[Device], node: str) -> str:
+    if res.container_path.text == "{devnode}":
+        return node  # the default: the host path, already normalized by udev
     if dev is None and ("{id}" in res.container_path.text or "{sys_name}" in res.container_path.text):
         return node  # a shared extra node belongs to no device: it keeps its host path
     values = {

@@ -55,9 +55,18 @@ class Template:
     """A string with ``{var}`` placeholders, checked against allowed names at parse time."""
 
     text: str
+    # The text split once into literal and variable parts (odd indexes are variable names):
+    # rendering is on Allocate's path.
+    parts: Tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(_TEMPLATE_VAR.split(self.text)))
 
     def render(self, values: Mapping[str, str]) -> str:
-        return _TEMPLATE_VAR.sub(lambda m: values[m.group(1)], self.text)
+        parts = self.parts
+        if len(parts) == 1:
+            return parts[0]
+        return "".join(values[p] if i % 2 else p for i, p in enumerate(parts))
 
 
 @dataclass(frozen=True)
