@@ -526,11 +526,11 @@ class Daemon:
                 self.connector.verify()
 
     def _shutdown(self) -> None:
-        # A prestart or health command still running would hold its handler thread, and so
-        # the exit: end it (its caller, the kubelet, gets an error).
-        commands.kill_running()
         if self.connector is not None:
-            self.connector.close()
+            self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
+        # A prestart or health command still running would hold its handler thread, and so
+        # the exit: end it.
+        commands.kill_running()
         self.health_pool.shutdown(wait=False, cancel_futures=True)
         if self.devnodes is not None:
             self.devnodes.close()

@@ -122,14 +122,18 @@ class StandInKubelet:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+        self.serve_registration()
+        self.started = time.time()
+        self._write_state()
+        return self
+
+    def serve_registration(self) -> None:
+        """Serve the Registration service on kubelet.sock."""
         self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="standin")
         self._server = grpc.server(self._executor)
         api_grpc.add_RegistrationServicer_to_server(_Registration(self), self._server)
         self._server.add_insecure_port("unix:" + self.socket)
         self._server.start()
-        self.started = time.time()
-        self._write_state()
-        return self
 
     def stop(self) -> None:
         """Stop as a dying kubelet does: its streams break, kubelet.sock goes away."""

@@ -172,24 +172,6 @@ def playbook(home: str, inventory: str, extra_vars: Dict[str, Any], *args: str, 
     return Run(proc, time.monotonic() - started)
 
 
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Overrides tests/conftest.py's: the module's container (nspawn, a child of this process)
-    outlives each test on purpose.  A test must still not leave a child of its own behind."""
-    before = set(_children())
-    yield
-    wait_for(lambda: not set(_children()) - before, 5, "child processes started by the test to end")
-
-
-def _children() -> List[int]:
-    pid = os.getpid()
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 # --- static checks ----------------------------------------------------------------------------
 
 def test_ansible_lint_production_profile(request: pytest.FixtureRequest, tmp_path: Any) -> None:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 
@@ -141,6 +141,12 @@ def restarts(kubelet: StandInKubelet, resources: int) -> List[float]:
     return times
 
 
+def report_restarts(report: Report, times: List[float], resources: int) -> None:
+    for p in (50, 99):
+        report(f"kubelet restart -> {resources} resource(s) registered p{p} ({RESTARTS} restarts)",
+               percentile(times, p), "ms")
+
+
 def write_config(tmp: str, text: str) -> str:
     path = os.path.join(tmp, "etc", "udev-device-plugin.conf")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -149,12 +155,14 @@ def write_config(tmp: str, text: str) -> str:
     return path
 
 
-def start_daemon(config_path: str, kubelet_dir: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("NOTIFY_SOCKET", None)
-    return subprocess.Popen([sys.executable, "-m", "udev_device_plugin", "serve", "--config", config_path,
-                             "--kubelet-dir", kubelet_dir], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def start_daemon(config_path: str, kubelet_dir: str, env: Optional[Dict[str, str]] = None,
+                 wrapper: Optional[List[str]] = None) -> subprocess.Popen:
+    """``udev-device-plugin serve`` as a process of its own, as on a node (``wrapper``: umockdev-wrapper)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("NOTIFY_SOCKET", None)
+    return subprocess.Popen((wrapper or []) + [sys.executable, "-m", "udev_device_plugin", "serve", "--config",
+                                               config_path, "--kubelet-dir", kubelet_dir],
+                            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -236,15 +244,12 @@ def run(report: Report) -> None:
             # --- kubelet restart -> every resource registered again ---------------------
             fds, threads = len(os.listdir(f"/proc/{daemon.pid}/fd")), len(os.listdir(f"/proc/{daemon.pid}/task"))
             times = restarts(kubelet, len(names))
+            report_restarts(report, times, len(names))
             report("daemon open files before the restarts", fds, "fds")
             report(f"daemon open files after {RESTARTS} restarts", len(os.listdir(f"/proc/{daemon.pid}/fd")), "fds")
             report("daemon threads before the restarts", threads, "threads")
             report(f"daemon threads after {RESTARTS} restarts", len(os.listdir(f"/proc/{daemon.pid}/task")), "threads")
             report(f"daemon RSS after {RESTARTS} restarts", rss_mib(daemon.pid), "MiB")
-            report(f"kubelet restart -> 4 resources registered p50 ({RESTARTS} restarts)", statistics.median(times),
-                   "ms")
-            report(f"kubelet restart -> 4 resources registered p99 ({RESTARTS} restarts)", percentile(times, 99),
-                   "ms")
         finally:
             stop(daemon)
             kubelet.stop()
@@ -257,11 +262,7 @@ def run(report: Report) -> None:
         try:
             if not kubelet.wait_for(lambda: "example.com/mem" in kubelet.devices, 30):
                 raise SystemExit("the daemon did not register")
-            times = restarts(kubelet, 1)
-            report(f"kubelet restart -> 1 resource registered p50 ({RESTARTS} restarts)", statistics.median(times),
-                   "ms")
-            report(f"kubelet restart -> 1 resource registered p99 ({RESTARTS} restarts)", percentile(times, 99),
-                   "ms")
+            report_restarts(report, restarts(kubelet, 1), 1)
         finally:
             stop(daemon)
             kubelet.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported
 
 import pyudev  # noqa: E402
 
+from tests.bench.core import start_daemon, stop  # noqa: E402
 from tests.hotplug import mockdev, realudev  # noqa: E402
 from udev_device_plugin.standin import StandInKubelet  # noqa: E402
 
@@ -117,24 +117,6 @@ def write_config(directory: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-def start_daemon(config_path: str, kubelet_dir: str, env: Optional[Dict[str, str]] = None,
-                 wrapper: Optional[List[str]] = None) -> subprocess.Popen:
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    full_env.pop("NOTIFY_SOCKET", None)
-    return subprocess.Popen((wrapper or []) + [sys.executable, "-m", "udev_device_plugin", "serve", "--config",
-                                               config_path, "--kubelet-dir", kubelet_dir],
-                            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def first_message(kubelet: StandInKubelet, resource: str, after: int,

@@ -132,10 +132,6 @@ class RecordingKubelet(StandInKubelet):
     def recreate_socket(self) -> None:
         """Delete and recreate kubelet.sock without touching the plugins' sockets or streams, as the
         newest kubelet does when its own gRPC server fails (KUBELET.md)."""
-        from concurrent import futures
-
-        from udev_device_plugin.standin import _Registration
-
         assert self._server is not None and self._executor is not None
         self._server.stop(grace=None).wait(5)
         self._executor.shutdown(wait=True)
@@ -143,11 +139,7 @@ class RecordingKubelet(StandInKubelet):
             os.unlink(self.socket)  # new grpcio removes it itself when the server stops
         except FileNotFoundError:
             pass
-        self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="standin")
-        self._server = grpc.server(self._executor)
-        api_grpc.add_RegistrationServicer_to_server(_Registration(self), self._server)
-        self._server.add_insecure_port("unix:" + self.socket)
-        self._server.start()
+        self.serve_registration()
 
     # --- views for the tests ---------------------------------------------------------
 
