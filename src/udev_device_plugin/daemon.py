@@ -417,14 +417,16 @@ class Daemon:
         if not self._ready and (self.connector.settled() or self._ready_deadline() <= self.clock()):
             self._ready = True
             self._status = self._summary()
-            if not self.connector.settled():
+            settled = self.connector.settled()
+            if not settled:
                 errors = sorted({p.last_error for p in self.connector.plugins.values() if p.last_error})
                 self._status += "; " + "; ".join(errors)
+            self.notifier.notify("READY=1", f"STATUS={self._status}")
+            if settled:
+                log.info("ready: %s", self._status)
+            else:
                 log.warning("ready without every registration after %g s: %s", self.cfg.plugin.ready_timeout,
                             self._status)
-            else:
-                log.info("ready: %s", self._status)
-            self.notifier.notify("READY=1", f"STATUS={self._status}")
             return
         if self._ready:
             summary = self._summary()

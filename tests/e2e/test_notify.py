@@ -106,6 +106,7 @@ def test_ready_waits_for_an_accepted_registration(kubelet_dir, start_daemon, not
                               env={"NOTIFY_SOCKET": notifications.path})
         kubelet.wait_live(MEM, devices=3)
         wait_log(daemon, "ready:")
+        wait_until(lambda: with_line(notifications.records, "READY=1"), 5, "READY=1 to arrive")
         [ready] = with_line(notifications.records, "READY=1")
         assert ready.time >= kubelet.registrations[0]["time"]
     finally:
