@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from tests.conftest import DaemonProcess, wait_until
 from udev_device_plugin.standin import StandInKubelet
 
+from .. import journalwire
 from . import realudev
 
 
@@ -70,23 +70,8 @@ def start_loop_daemon(start_daemon: Callable[..., DaemonProcess], kubelet: Stand
 # --- journald's native protocol -------------------------------------------------------------
 
 def parse_native(data: bytes) -> List[Tuple[str, str]]:
-    """Fields of one native-protocol datagram: ``KEY=value\\n`` or ``KEY\\n<le64 length><value>\\n``."""
-    fields: List[Tuple[str, str]] = []
-    pos = 0
-    while pos < len(data):
-        end = data.index(b"\n", pos)
-        line = data[pos:end]
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
-            pos = end + 1
-        else:
-            key = line
-            (size,) = struct.unpack("<Q", data[end + 1:end + 9])
-            value = data[end + 9:end + 9 + size]
-            assert data[end + 9 + size:end + 10 + size] == b"\n", "binary field not ended by a newline"
-            pos = end + 10 + size
-        fields.append((key.decode(), value.decode()))
-    return fields
+    """Fields of one native-protocol datagram, values as text."""
+    return [(key, value.decode()) for key, value in journalwire.parse_native(data)]
 
 
 class Journal:

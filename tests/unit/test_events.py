@@ -7,33 +7,13 @@ import logging
 import re
 import socket
 import struct
-from typing import List, Tuple
 
 import pytest
 
 from udev_device_plugin import events
 from udev_device_plugin.events import Event, JournalSink, StderrSink, devices_event, encode
 
-
-def parse_native(data: bytes) -> List[Tuple[str, bytes]]:
-    """journald's reading of a native-protocol datagram (server_process_native_message)."""
-    out = []
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            key, value = line.split(b"=", 1)
-            i = nl + 1
-        else:
-            key = line
-            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
-            value = data[nl + 9:nl + 9 + size]
-            assert data[nl + 9 + size:nl + 10 + size] == b"\n", "binary field not followed by a newline"
-            i = nl + 10 + size
-        assert re.fullmatch(rb"[A-Z_][A-Z0-9_]*", key), key
-        out.append((key.decode(), value))
-    return out
+from ..journalwire import parse_native
 
 
 @pytest.mark.parametrize("fields, wire", [
