@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 VENV_OLD := .venv-old
 VENV_ANSIBLE := .venv-ansible
-# The oldest stack we support (RHEL 9 era) and the newest releases; CI tests both.
+# The oldest stack we support (RHEL 9 era) and the newest releases; CI tests both.  The oldest
+# stack runs on Python 3.9 (RHEL 9's system Python) where the machine has one.
+PYTHON_OLD ?= $(firstword $(wildcard /usr/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(PYTHON))
 OLD_PINS := grpcio==1.49.1 protobuf==3.20.3 pyudev==0.22.0 click==7.1.2 sdnotify==0.3.2
 DEV_TOOLS := pytest pytest-timeout ruff mypy
 GRPC_TOOLS_PIN := grpcio-tools==1.49.1
@@ -24,7 +26,7 @@ $(VENV)/.stamp: setup.cfg pyproject.toml
 	touch $@
 
 $(VENV_OLD)/.stamp: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV_OLD)
+	$(PYTHON_OLD) -m venv $(VENV_OLD)
 	$(VENV_OLD)/bin/pip install -q $(OLD_PINS) pytest pytest-timeout
 	$(VENV_OLD)/bin/pip install -q --no-deps -e .
 	touch $@
@@ -54,6 +56,7 @@ test-new: venv
 	$(VENV)/bin/python -m pytest tests/unit tests/e2e tests/hotplug $(PYTEST_ARGS)
 
 test-old: venv-old
+	$(VENV_OLD)/bin/python --version
 	$(VENV_OLD)/bin/python -m pytest tests/unit tests/e2e tests/hotplug $(PYTEST_ARGS)
 
 test-system: venv venv-ansible
