@@ -22,7 +22,7 @@ from . import __version__, config, demo, inspection
 from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
 
 DEFAULT_CONFIG = config.DEFAULT_CONFIG
-EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example.conf")
+EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "example.conf")
 
 _config_option = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
                               help="Main config file; drop-ins are read from conf.d/ beside it.")

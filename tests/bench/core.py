@@ -26,7 +26,7 @@ from udev_device_plugin.standin import StandInKubelet
 
 Report = Callable[[str, float, str], None]
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "src", "udev_device_plugin", "data", "example.conf")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "src", "udev_device_plugin", "example.conf")
 MEM_ONLY = """
 [resource example.com/mem]
 subsystem = mem

@@ -709,7 +709,7 @@ def test_load_reports_unreadable_and_invalid_files_together(etc):
 
 
 def test_load_shipped_example_config():
-    path = os.path.join(os.path.dirname(config.__file__), "data", "example.conf")
+    path = os.path.join(os.path.dirname(config.__file__), "example.conf")
     cfg = config.load(path)
     assert "example.com/mem" in [r.name for r in cfg.resources]
 
