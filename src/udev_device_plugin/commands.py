@@ -9,6 +9,9 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Set
 
+from .config import ResourceConfig
+from .model import Device
+
 # Keep what the command prints in a message short enough for a log line.
 _TAIL = 300
 
@@ -41,6 +44,13 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Result:
     finally:
         with _lock:
             _running.discard(proc)
+
+
+def run_health_command(res: ResourceConfig, dev: Device) -> Result:
+    """``health_command`` for one device: its ID as the last argument, the rest in UDP_* variables."""
+    return run(res.health_command + (dev.id,), {
+        "UDP_RESOURCE": res.name, "UDP_DEVICE_ID": dev.id, "UDP_DEVNODES": " ".join(dev.devnodes),
+        "UDP_SYSPATH": dev.sys_path}, res.health_timeout)
 
 
 def kill_running() -> int:

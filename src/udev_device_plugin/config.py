@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 DEFAULT_CONFIG = "/etc/udev-device-plugin/udev-device-plugin.conf"
 DROPIN_DIR_NAME = "conf.d"
@@ -265,14 +265,14 @@ def _lines(value: str) -> List[str]:
     return [line.strip() for line in value.splitlines() if line.strip()]
 
 
-def _key_values(c: _Collector, section: str, key: str, value: str, key_re: re.Pattern[str],
+def _key_values(c: _Collector, section: str, key: str, value: str, valid: Callable[[str], object],
                 key_what: str) -> List[Tuple[str, str]]:
     pairs: List[Tuple[str, str]] = []
     seen = set()
     for line in _lines(value):
         name, sep, val = line.partition("=")
         name = name.strip()
-        if not sep or not key_re.match(name):
+        if not sep or not valid(name):
             c.error(section, key, line, f"accepted: lines of {key_what}=value")
             continue
         if name in seen:
@@ -291,12 +291,8 @@ def _annotation_key(name: str) -> bool:
     return len(parts) == 1 and len(name) <= 63 and bool(_QUALIFIED_NAME.match(name))
 
 
-class _AnnotationKey:
-    """Adapter so _key_values can check annotation keys like a regex."""
-
-    @staticmethod
-    def match(name: str) -> bool:
-        return _annotation_key(name)
+# [plugin] keys that are a number of seconds, with their upper bound.
+_PLUGIN_SECONDS = {"register_timeout": 60.0, "register_backoff_max": 300.0, "ready_timeout": 3600.0}
 
 
 def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: Dict[str, object]) -> None:
@@ -314,16 +310,8 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
                 c.error(section, key, value, "accepted: " + ", ".join(EVENT_SINKS))
             else:
                 into[key] = value
-        elif key == "register_timeout":
-            num = _number(c, section, key, value, 0, 60)
-            if num is not None:
-                into[key] = num
-        elif key == "register_backoff_max":
-            num = _number(c, section, key, value, 0, 300)
-            if num is not None:
-                into[key] = num
-        elif key == "ready_timeout":
-            num = _number(c, section, key, value, 0, 3600)
+        elif key in _PLUGIN_SECONDS:
+            num = _number(c, section, key, value, 0, _PLUGIN_SECONDS[key])
             if num is not None:
                 into[key] = num
         else:
@@ -400,10 +388,10 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
             kw[key] = tuple(mounts)
         elif key == "env":
             kw[key] = tuple((k, _template(c, section, key, v, ALLOCATION_VARS))
-                            for k, v in _key_values(c, section, key, value, _ENV_NAME, "NAME"))
+                            for k, v in _key_values(c, section, key, value, _ENV_NAME.match, "NAME"))
         elif key == "annotations":
             kw[key] = tuple((k, _template(c, section, key, v, ALLOCATION_VARS))
-                            for k, v in _key_values(c, section, key, value, _AnnotationKey, "key"))  # type: ignore[arg-type]
+                            for k, v in _key_values(c, section, key, value, _annotation_key, "key"))
         elif key in ("prestart_command", "health_command"):
             kw[key] = _command(c, section, key, value)
         elif key == "prestart_timeout":

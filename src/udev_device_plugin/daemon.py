@@ -254,9 +254,7 @@ class Daemon:
             res = state.config
             self.health_running.add(key)
             self.health_due[key] = now + res.health_interval
-            env = {"UDP_RESOURCE": name, "UDP_DEVICE_ID": dev_id, "UDP_DEVNODES": " ".join(dev.devnodes),
-                   "UDP_SYSPATH": dev.sys_path}
-            fut = self.health_pool.submit(commands.run, res.health_command + (dev_id,), env, res.health_timeout)
+            fut = self.health_pool.submit(commands.run_health_command, res, dev)
             fut.add_done_callback(self._health_done(key, res))
 
     def _health_done(self, key: Tuple[str, str], res: config.ResourceConfig

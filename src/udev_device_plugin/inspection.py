@@ -34,9 +34,7 @@ def discover(cfg: config.Config) -> List[Dict[str, Any]]:
         for dev in devices.values():
             health, reason = dev.health, dev.reason
             if dev.healthy and res.health_command:
-                result = commands.run(res.health_command + (dev.id,), {
-                    "UDP_RESOURCE": res.name, "UDP_DEVICE_ID": dev.id,
-                    "UDP_DEVNODES": " ".join(dev.devnodes), "UDP_SYSPATH": dev.sys_path}, res.health_timeout)
+                result = commands.run_health_command(res, dev)
                 if not result.ok:
                     health, reason = "Unhealthy", f"health_command: {result.detail}"
             out.append({"id": dev.id, "devnodes": list(dev.devnodes), "numa_nodes": list(dev.numa_nodes),

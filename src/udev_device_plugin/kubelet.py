@@ -143,7 +143,6 @@ class ResourcePlugin:
         self.in_flight: Optional[SocketId] = None  # the kubelet.sock a Register is under way with
         self.retry_at: Optional[float] = None
         self.backoff = _FIRST_RETRY
-        self.first_result = False  # the first Register finished, either way
 
     @property
     def name(self) -> str:
@@ -313,7 +312,6 @@ class KubeletConnector:
         if attempt != plugin.attempt or self.plugins.get(plugin.name) is not plugin:
             return  # superseded by a newer attempt, or the resource was removed
         plugin.in_flight = None
-        plugin.first_result = True
         if ok:
             plugin.registered = True
             plugin.registered_with = kubelet
