@@ -256,12 +256,18 @@ class KubeletConnector:
             return
         self._register(plugin)
 
+    @staticmethod
+    def _current(plugin: ResourcePlugin, kubelet: Optional[SocketId]) -> bool:
+        """The plugin's live socket is registered with ``kubelet``, or a Register naming it is under way."""
+        endpoint = plugin.endpoint
+        return endpoint is not None and endpoint.alive() and (
+            (endpoint.offered and plugin.in_flight == kubelet)
+            or (plugin.registered and plugin.registered_with == kubelet))
+
     def _register(self, plugin: ResourcePlugin) -> None:
         kubelet = socket_identity(self.kubelet_socket)
         endpoint = plugin.endpoint
-        if endpoint is not None and endpoint.alive() and (
-                (endpoint.offered and plugin.in_flight == kubelet)
-                or (plugin.registered and plugin.registered_with == kubelet)):
+        if self._current(plugin, kubelet):
             # This kubelet is answering a Register that names this very socket, or accepted it
             # already: inotify can report a restart in two batches (our socket gone, then
             # kubelet.sock created), and registering again would retire a stream the kubelet just
@@ -399,10 +405,7 @@ class KubeletConnector:
         kubelet = socket_identity(self.kubelet_socket)
         redone = []
         for plugin in self.plugins.values():
-            endpoint = plugin.endpoint
-            alive = endpoint is not None and endpoint.alive()
-            current = alive and plugin.registered and plugin.registered_with == kubelet
-            if current or (alive and endpoint is not None and endpoint.offered and plugin.in_flight == kubelet):
+            if self._current(plugin, kubelet):
                 continue
             redone.append(plugin.name)
             self._reregister(plugin)
