@@ -9,7 +9,6 @@ VENV_ANSIBLE := .venv-ansible
 PYTHON_OLD ?= $(firstword $(wildcard /usr/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(PYTHON))
 OLD_PINS := grpcio==1.49.1 protobuf==3.20.3 pyudev==0.22.0 click==7.1.2 sdnotify==0.3.2
 DEV_TOOLS := pytest pytest-timeout ruff mypy
-GRPC_TOOLS_PIN := grpcio-tools==1.49.1
 PREFIX ?= /usr
 SYSCONFDIR ?= /etc
 DESTDIR ?=
@@ -71,13 +70,14 @@ check: lint test-unit
 bench: venv
 	$(VENV)/bin/python -m tests.bench.run
 
-# Regenerate the vendored API code with the grpcio-tools whose output loads on old and new runtimes.
+# Regenerate what is derived from the .proto files: the serialized descriptors the runtime
+# builds its message classes from (any protoc will do; its generated code is not used).
 proto:
 	$(PYTHON) -m venv build/protoc
-	build/protoc/bin/pip install -q $(GRPC_TOOLS_PIN)
+	build/protoc/bin/pip install -q grpcio-tools
 	cd src/udev_device_plugin/api && ../../../build/protoc/bin/python -m grpc_tools.protoc -I. \
-		--python_out=. --grpc_python_out=. deviceplugin.proto status.proto
-	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' src/udev_device_plugin/api/*_pb2_grpc.py
+		--descriptor_set_out=../../../build/api.pb deviceplugin.proto status.proto
+	build/protoc/bin/python packaging/gen-api-descriptors.py build/api.pb src/udev_device_plugin/api/descriptors.py
 
 # Installs the package and the system files below DESTDIR (the RPM spec does the same itself).
 install:

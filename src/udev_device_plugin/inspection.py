@@ -9,10 +9,7 @@ from typing import Any, Callable, Dict, List
 
 import grpc
 
-from . import commands, config
-from .api import deviceplugin_pb2 as api
-from .api import deviceplugin_pb2_grpc as api_grpc
-from .api import status_pb2, status_pb2_grpc
+from . import api, commands, config
 from .kubelet import SOCKET_PREFIX
 
 
@@ -73,9 +70,9 @@ def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
     for path in our_sockets(kubelet_dir):
         channel = grpc.insecure_channel("unix:" + path)
         try:
-            stub = api_grpc.DevicePluginStub(channel)
+            stub = api.Stub(channel)
             options = stub.GetDevicePluginOptions(api.Empty(), timeout=timeout)
-            status = status_pb2_grpc.StatusStub(channel).GetStatus(status_pb2.StatusRequest(), timeout=timeout)
+            status = stub.GetStatus(api.StatusRequest(), timeout=timeout)
             stream = stub.ListAndWatch(api.Empty(), timeout=timeout)
             first = next(iter(stream))
             stream.cancel()

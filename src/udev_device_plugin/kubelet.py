@@ -28,17 +28,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 
-from . import __version__
+from . import __version__, api
 from . import inotify as ino
-from .api import deviceplugin_pb2 as api
-from .api import deviceplugin_pb2_grpc as api_grpc
-from .api import status_pb2_grpc
 from .config import KUBELET_SOCKET
 from .servicer import DevicePluginServicer, ResourceState, StatusServicer, options_for
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "v1beta1"
+API_VERSION = api.API_VERSION
 SOCKET_PREFIX = "udevdp-"
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -101,9 +98,9 @@ class Endpoint:
             raise OSError(errno.ENAMETOOLONG, f"socket path {self.path} is longer than {_MAX_SOCKET_PATH} bytes")
         self.servicer = DevicePluginServicer(plugin.state)
         self.server = grpc.server(executor, options=SERVER_OPTIONS)
-        api_grpc.add_DevicePluginServicer_to_server(self.servicer, self.server)
-        status_pb2_grpc.add_StatusServicer_to_server(
-            StatusServicer(plugin.state, plugin.registration_status, __version__), self.server)
+        self.server.add_generic_rpc_handlers([
+            self.servicer.handler(),
+            StatusServicer(plugin.state, plugin.registration_status, __version__).handler()])
         try:
             port = self.server.add_insecure_port("unix:" + self.path)
         except RuntimeError as exc:  # new grpcio raises, old returns 0
@@ -291,7 +288,7 @@ class KubeletConnector:
                                       options=options_for(plugin.state.config))
         channel = grpc.insecure_channel("unix:" + self.kubelet_socket)
         try:
-            future = api_grpc.RegistrationStub(channel).Register.future(request, timeout=self.register_timeout)
+            future = api.Stub(channel, (api.REGISTER,)).Register.future(request, timeout=self.register_timeout)
         except Exception as exc:  # noqa: BLE001 - a broken channel must not stop the daemon
             channel.close()
             self._finish(plugin, attempt, endpoint, kubelet, False, f"Register could not start: {exc}")

@@ -11,14 +11,11 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Dict, Iterator, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 import grpc
 
-from . import allocation, commands
-from .api import deviceplugin_pb2 as api
-from .api import deviceplugin_pb2_grpc as api_grpc
-from .api import status_pb2, status_pb2_grpc
+from . import allocation, api, commands
 from .config import ResourceConfig
 from .model import Device
 
@@ -60,12 +57,12 @@ class ResourceState:
             return self._allocated.get(device_id, 0.0)
 
 
-def options_for(config: ResourceConfig) -> api.DevicePluginOptions:
+def options_for(config: ResourceConfig) -> Any:
     return api.DevicePluginOptions(pre_start_required=bool(config.prestart_command),
                                    get_preferred_allocation_available=True)
 
 
-def device_message(dev: Device) -> api.Device:
+def device_message(dev: Device) -> Any:
     msg = api.Device(ID=dev.id, health=dev.health)
     if dev.numa_nodes:
         msg.topology.nodes.extend(api.NUMANode(ID=n) for n in dev.numa_nodes)
@@ -76,7 +73,7 @@ _CODES = {"unknown": grpc.StatusCode.INVALID_ARGUMENT, "unhealthy": grpc.StatusC
           "conflict": grpc.StatusCode.FAILED_PRECONDITION}
 
 
-class DevicePluginServicer(api_grpc.DevicePluginServicer):
+class DevicePluginServicer:
     """Serves one resource on one socket; :meth:`close` ends its streams."""
 
     def __init__(self, state: ResourceState) -> None:
@@ -88,10 +85,16 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
             self._closed = True
             self.state.cond.notify_all()
 
-    def GetDevicePluginOptions(self, request: api.Empty, context: grpc.ServicerContext) -> api.DevicePluginOptions:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return api.service_handler(api.DEVICE_PLUGIN, {
+            m.name: api.method_handler(m, getattr(self, m.name))
+            for m in (api.GET_DEVICE_PLUGIN_OPTIONS, api.LIST_AND_WATCH, api.GET_PREFERRED_ALLOCATION,
+                      api.ALLOCATE, api.PRE_START_CONTAINER)})
+
+    def GetDevicePluginOptions(self, request: Any, context: grpc.ServicerContext) -> Any:
         return options_for(self.state.config)
 
-    def ListAndWatch(self, request: api.Empty, context: grpc.ServicerContext) -> Iterator[api.ListAndWatchResponse]:
+    def ListAndWatch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         cond = self.state.cond
 
         def wake() -> None:
@@ -116,8 +119,7 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
                 sent[0], devices = self.state.current()
             yield api.ListAndWatchResponse(devices=[device_message(d) for d in devices.values()])
 
-    def GetPreferredAllocation(self, request: api.PreferredAllocationRequest,
-                               context: grpc.ServicerContext) -> api.PreferredAllocationResponse:
+    def GetPreferredAllocation(self, request: Any, context: grpc.ServicerContext) -> Any:
         _, devices = self.state.current()
         response = api.PreferredAllocationResponse()
         for creq in request.container_requests:
@@ -126,7 +128,7 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
             response.container_responses.add(deviceIDs=chosen)
         return response
 
-    def Allocate(self, request: api.AllocateRequest, context: grpc.ServicerContext) -> api.AllocateResponse:
+    def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
         config = self.state.config
         _, devices = self.state.current()
         if not request.container_requests:
@@ -153,8 +155,7 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         log.debug("%s: allocated %s", config.name, ", ".join(granted))
         return response
 
-    def PreStartContainer(self, request: api.PreStartContainerRequest,
-                          context: grpc.ServicerContext) -> api.PreStartContainerResponse:
+    def PreStartContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
         config = self.state.config
         ids = list(request.devices_ids)
         _, devices = self.state.current()
@@ -179,7 +180,7 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
         return api.PreStartContainerResponse()
 
 
-class StatusServicer(status_pb2_grpc.StatusServicer):
+class StatusServicer:
     """Answers ``inspect``: is this socket registered with the kubelet, and what does it serve."""
 
     def __init__(self, state: ResourceState, registration: Callable[[], Tuple[bool, str, int]], version: str) -> None:
@@ -187,12 +188,15 @@ class StatusServicer(status_pb2_grpc.StatusServicer):
         self.registration = registration
         self.version = version
 
-    def GetStatus(self, request: status_pb2.StatusRequest, context: grpc.ServicerContext) -> status_pb2.StatusResponse:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return api.service_handler(api.STATUS, {"GetStatus": api.method_handler(api.GET_STATUS, self.GetStatus)})
+
+    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         registered, last_error, count = self.registration()
         _, devices = self.state.current()
-        return status_pb2.StatusResponse(
+        return api.StatusResponse(
             resource_name=self.state.config.name, registered=registered, last_error=last_error,
             registrations=count, pid=os.getpid(), version=self.version,
-            devices=[status_pb2.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
+            devices=[api.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
                                              numa_nodes=d.numa_nodes, syspath=d.sys_path)
                      for d in devices.values()])

@@ -27,8 +27,7 @@ from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 import grpc
 
-from .api import deviceplugin_pb2 as api
-from .api import deviceplugin_pb2_grpc as api_grpc
+from . import api
 from .config import KUBELET_SOCKET, validate_resource_name
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,8 @@ class _Client:
         self.endpoint = endpoint
         self.path = os.path.join(kubelet.directory, endpoint)
         self.channel = grpc.insecure_channel("unix:" + self.path)
-        self.stub = api_grpc.DevicePluginStub(self.channel)
-        self.options: Optional[api.DevicePluginOptions] = None
+        self.stub = api.Stub(self.channel)
+        self.options: Any = None
         self.connected = False
         self.stream: Any = None
         self.thread: Optional[threading.Thread] = None
@@ -131,7 +130,7 @@ class StandInKubelet:
         """Serve the Registration service on kubelet.sock."""
         self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="standin")
         self._server = grpc.server(self._executor)
-        api_grpc.add_RegistrationServicer_to_server(_Registration(self), self._server)
+        self._server.add_generic_rpc_handlers([_Registration(self).handler()])
         self._server.add_insecure_port("unix:" + self.socket)
         self._server.start()
 
@@ -169,7 +168,7 @@ class StandInKubelet:
 
     # --- Registration ---------------------------------------------------------
 
-    def register(self, request: api.RegisterRequest) -> Optional[str]:
+    def register(self, request: Any) -> Optional[str]:
         """Handle one Register; return the error the kubelet would give, or None."""
         if request.version != "v1beta1":
             return f"unsupported API version {request.version!r}"
@@ -200,7 +199,7 @@ class StandInKubelet:
         self._write_state()
         return None
 
-    def _update(self, client: _Client, devices: List[api.Device]) -> None:
+    def _update(self, client: _Client, devices: List[Any]) -> None:
         now, wall = time.monotonic(), time.time()
         with self.cond:
             if self.clients.get(client.resource) is not client:
@@ -228,7 +227,7 @@ class StandInKubelet:
         with self.cond:
             return self.clients[resource]
 
-    def allocate(self, resource: str, *requests: List[str]) -> api.AllocateResponse:
+    def allocate(self, resource: str, *requests: List[str]) -> Any:
         req = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=ids)
                                                       for ids in requests])
         return self.client(resource).stub.Allocate(req, timeout=30)
@@ -295,11 +294,14 @@ class StandInKubelet:
             os.replace(tmp, self.state_file)
 
 
-class _Registration(api_grpc.RegistrationServicer):
+class _Registration:
     def __init__(self, kubelet: StandInKubelet) -> None:
         self.kubelet = kubelet
 
-    def Register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return api.service_handler(api.REGISTRATION, {"Register": api.method_handler(api.REGISTER, self.Register)})
+
+    def Register(self, request: Any, context: grpc.ServicerContext) -> Any:
         error = self.kubelet.register(request)
         if error:
             log.warning("stand-in kubelet refused %s: %s", request.resource_name, error)

@@ -20,8 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 
-from udev_device_plugin.api import deviceplugin_pb2 as api
-from udev_device_plugin.api import deviceplugin_pb2_grpc as api_grpc
+from udev_device_plugin import api
 from udev_device_plugin.standin import StandInKubelet
 
 Report = Callable[[str, float, str], None]
@@ -198,7 +197,7 @@ def run(report: Report) -> None:
             # A channel of its own, set up as the bare call's is, so the figures differ only by
             # the server (the stand-in's own channel also carries its ListAndWatch stream).
             alloc_channel = grpc.insecure_channel("unix:" + kubelet.client("example.com/mem").path)
-            stub = api_grpc.DevicePluginStub(alloc_channel)
+            stub = api.Stub(alloc_channel)
             request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])])
             got = compare({"bare": lambda: echo(payload, timeout=30),
                            "allocate": lambda: stub.Allocate(request, timeout=30)})

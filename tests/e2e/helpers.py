@@ -12,8 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import grpc
 
-from udev_device_plugin.api import deviceplugin_pb2 as api
-from udev_device_plugin.api import deviceplugin_pb2_grpc as api_grpc
+from udev_device_plugin import api
 from udev_device_plugin.kubelet import SOCKET_PREFIX
 from udev_device_plugin.standin import StandInKubelet
 
@@ -105,12 +104,12 @@ class RecordingKubelet(StandInKubelet):
 
     def __init__(self, directory: str, refuse: int = 0, refusal: str = "the stand-in refuses this Register") -> None:
         super().__init__(directory)
-        self.requests: List[api.RegisterRequest] = []
+        self.requests: List[Any] = []
         self.lists: Dict[str, List[Dict[str, str]]] = {}  # endpoint -> each message as {ID: health}
         self.refuse = refuse
         self.refusal = refusal
 
-    def register(self, request: api.RegisterRequest) -> Optional[str]:
+    def register(self, request: Any) -> Optional[str]:
         copy = api.RegisterRequest()
         copy.CopyFrom(request)
         with self.cond:
@@ -122,7 +121,7 @@ class RecordingKubelet(StandInKubelet):
             return self.refusal
         return super().register(request)
 
-    def _update(self, client: Any, devices: List[api.Device]) -> None:
+    def _update(self, client: Any, devices: List[Any]) -> None:
         # One critical section (the condition's lock is reentrant), so a waiter never sees the message
         # recorded here but not yet in the stand-in's own view.
         with self.cond:
@@ -180,7 +179,7 @@ class PluginClient:
 
     def __init__(self, path: str) -> None:
         self.channel = grpc.insecure_channel("unix:" + path)
-        self.stub = api_grpc.DevicePluginStub(self.channel)
+        self.stub = api.Stub(self.channel)
 
     def __enter__(self) -> PluginClient:
         return self

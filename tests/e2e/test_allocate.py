@@ -9,7 +9,7 @@ import socket
 import grpc
 import pytest
 
-from udev_device_plugin.api import deviceplugin_pb2 as api
+from udev_device_plugin import api
 
 from ..conftest import wait_until
 from .helpers import LOOP, LOOP_CONF, LOOP_IDS, MEM, MEM_CONF, PluginClient, rpc_error
@@ -42,7 +42,7 @@ health_command = /bin/sh -c 'test "$UDP_DEVICE_ID" != zero && test "$0" = "$UDP_
 """
 
 
-def specs(response: api.ContainerAllocateResponse):
+def specs(response):
     return [(d.host_path, d.container_path, d.permissions) for d in response.devices]
 
 

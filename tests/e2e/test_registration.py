@@ -6,7 +6,7 @@ import json
 import os
 import re
 
-from udev_device_plugin.api import deviceplugin_pb2 as api
+from udev_device_plugin import api
 
 from .helpers import (
     LOOP,
