@@ -1,35 +1,39 @@
-"""The composition root: builds the udev context and monitor, the kubelet connector and
-the notifier, and runs the main loop that owns signals, readiness and the watchdog.
+"""The composition root and the main loop: builds the udev context and monitor, the kubelet
+connector, the command runner, the health scheduler and the notifier, and wires them up.
 
-One thread (the main one) decides everything.  gRPC handler threads only read the
-published device lists; Register results and health command results come back
-through :meth:`Daemon.post`.  Nothing polls: the loop sleeps in ``select`` until a
-udev event, an inotify event, a signal, a posted result or the next timer
-(watchdog ping, Register retry, health check).
+One asyncio event loop on the main thread runs everything: udev and inotify descriptors are
+loop readers, timers are loop timers, the gRPC servers are grpc.aio servers on the same loop,
+health and prestart commands are watched through pidfds.  There is no thread of ours, so no
+pool to exhaust and nothing to hand results across.  The loop sleeps until something happens.
+
+The main loop owns signals, readiness (READY=1, STATUS=) and the watchdog: WATCHDOG=1 goes out
+only after a call through one of our own sockets has been answered, so a wedged RPC side stops
+the pings as surely as a wedged loop does.  A fatal error anywhere ends the process non-zero,
+so systemd restarts it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-import queue
-import selectors
 import signal
-import threading
 import time
-from concurrent import futures
-from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyudev
 
-from . import commands, config, discovery, events
-from .health import CommandHealth
-from .hotplug import DevnodeWatch, HotplugMonitor, Overflow
+from . import commands, config, events
+from .discovery import touched
+from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
+from .inventory import Inventory
 from .kubelet import KubeletConnector
-from .model import HEALTHY, UNHEALTHY, Device, diff
+from .model import HEALTHY, ResourceDiff
 from .notify import Notifier, watchdog_interval
-from .servicer import ResourceState
+from .scheduler import HealthScheduler
+from .servicer import PrestartLimit, ResourceState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=
 # so the kubelet gets a few full lists, not one growing list per device.
 HOTPLUG_QUIET = 0.005
 HOTPLUG_HOLDOFF = 0.02
+DEFAULT_HEALTH_WORKERS = 8
 
 
 class Daemon:
@@ -49,7 +54,8 @@ class Daemon:
                  context_factory: Callable[[], pyudev.Context] = pyudev.Context,
                  monitor_factory: Optional[Callable[[pyudev.Context], HotplugMonitor]] = None,
                  sink: Optional[events.Sink] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 reap_strays: bool = False) -> None:
         self.config_path = config_path
         self.kubelet_dir_override = kubelet_dir
         self.notifier = notifier or Notifier()
@@ -57,34 +63,28 @@ class Daemon:
         self.monitor_factory = monitor_factory or HotplugMonitor
         self._sink_override = sink
         self.clock = clock
+        self.reap_strays = reap_strays
         self.cfg = self.load_config()  # raises ConfigError before anything is created
         self.sink: events.Sink = sink or events.make_sink(self.cfg.plugin.events)
-        self.states: Dict[str, ResourceState] = {}
-        self.raw: Dict[str, Mapping[str, Device]] = {}
-        self.problems: Set[str] = set()
-        self.command_health = CommandHealth()
-        self.health_due: Dict[Tuple[str, str], float] = {}
-        self.health_running: Set[Tuple[str, str]] = set()
-        self.health_pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health")
-        self._posted: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._signals: List[int] = []
-        self._stop = False
+        self.inventory = Inventory(self.sink)
+        self.coalescer = Coalescer(HOTPLUG_QUIET, HOTPLUG_HOLDOFF)
+        self.scheduler = HealthScheduler(clock, _health_workers(self.cfg))
+        self._lagging: Dict[str, float] = {}
+        self._exit_status = EXIT_OK
+        self._stopping: Optional[asyncio.Event] = None
         self._ready = False
         self._started = False
         self._started_at = 0.0
         self._status = ""
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.runner: Optional[commands.Runner] = None
         self.connector: Optional[KubeletConnector] = None
         self.context: Optional[pyudev.Context] = None
         self.monitor: Optional[HotplugMonitor] = None
         self.devnodes: Optional[DevnodeWatch] = None
-        self._udev_changes: Dict[str, Dict[str, str]] = {}
-        self._udev_full: Set[str] = set()
-        self._udev_due: Optional[float] = None
-        self._udev_applied = float("-inf")
-        self._udev_arrived = float("-inf")
+        self._timers: Dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set = set()
+        self.prestarts: Optional[PrestartLimit] = None
 
     # --- config ---------------------------------------------------------------
 
@@ -95,36 +95,64 @@ class Daemon:
                                                                        kubelet_dir=self.kubelet_dir_override))
         return cfg
 
-    # --- cross-thread hand-off ----------------------------------------------------
+    @property
+    def states(self) -> Dict[str, ResourceState]:
+        return self.inventory.states
 
-    def post(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the main thread soon; callable from any thread."""
-        self._posted.put(fn)
-        try:
-            os.write(self._wake_w, b"p")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is awake anyway
+    # --- timers ---------------------------------------------------------------
+
+    def _at(self, name: str, when: Optional[float], fn: Callable[[], None]) -> None:
+        """Run ``fn`` at ``when`` (clock time); one timer per name, replaced on each call."""
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if when is None or self.loop is None:
+            return
+
+        def fire() -> None:
+            self._timers.pop(name, None)
+            fn()
+
+        self._timers[name] = self.loop.call_later(max(0.0, when - self.clock()), fire)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._fatal_exception(exc)
 
     # --- start-up -----------------------------------------------------------------
 
     def _new_connector(self) -> KubeletConnector:
-        connector = KubeletConnector(self.cfg.plugin.kubelet_dir, self.post,
+        assert self.runner is not None and self.prestarts is not None
+        connector = KubeletConnector(self.cfg.plugin.kubelet_dir, self.runner, self.prestarts,
+                                     on_change=self._on_registration_change, fatal=self.fatal,
                                      register_timeout=self.cfg.plugin.register_timeout,
-                                     backoff_max=self.cfg.plugin.register_backoff_max,
-                                     on_registered=self._on_registered, clock=self.clock)
+                                     backoff_max=self.cfg.plugin.register_backoff_max, clock=self.clock)
         connector.start()
         return connector
 
-    def _on_registered(self, name: str, ok: bool, why: str) -> None:
+    def _on_registration_change(self, name: str) -> None:
         self._update_status()
 
     def start(self) -> None:
+        self.loop = asyncio.get_event_loop()
         self._started_at = self.clock()
+        self.runner = commands.Runner(self.loop, reap_strays=self.reap_strays)
+        self.prestarts = PrestartLimit()
         self.context = self.context_factory()
         # The monitor opens before the first enumeration, so nothing in between is lost.
         self.monitor = self.monitor_factory(self.context)
         self.devnodes = DevnodeWatch()
         self.connector = self._new_connector()
+        self.loop.add_reader(self.monitor.fileno(), self._handle_udev)
+        self.loop.add_reader(self.devnodes.fileno(), self._handle_devnodes)
         for res in self.cfg.resources:
             self._start_resource(res)
         self._started = True
@@ -132,46 +160,44 @@ class Daemon:
 
     def _start_resource(self, res: config.ResourceConfig) -> None:
         state = ResourceState(res)
-        self.states[res.name] = state
-        self._rescan([res.name])  # the first ListAndWatch answer is the full list
+        self.inventory.add(state)
+        self._after_scan(self.inventory.scan(self.context, [res.name]))  # the first answer is the full list
         assert self.connector is not None
         self.connector.add(state)
 
-    def _stop_resource(self, name: str) -> None:
+    async def _stop_resource(self, name: str) -> None:
         assert self.connector is not None
-        self.connector.remove(name)
-        state = self.states.pop(name)
-        self.raw.pop(name, None)
-        for dev in state.current()[1].values():
-            self.command_health.forget((name, dev.id))
-            self.health_due.pop((name, dev.id), None)
-        self.problems = {p for p in self.problems if not p.startswith(name + ":")}
+        await self.connector.remove(name)
+        self.inventory.remove(name)
+        self.scheduler.remove_group(name)
+        self._lagging.pop(name, None)
         self._watch_devnodes()
+        self._schedule_health()
 
-    # --- discovery and health -------------------------------------------------------
+    # --- discovery -------------------------------------------------------------------------
 
-    def _rescan(self, names: List[str]) -> None:
-        assert self.context is not None
-        resources = [self.states[n].config for n in names if n in self.states]
-        result = discovery.scan(self.context, resources)
-        problems = {p for p in self.problems if not any(p.startswith(r.name + ":") for r in resources)}
-        problems |= set(result.problems)
-        for problem in sorted(problems - self.problems):
-            log.warning("%s", problem)
-        self.problems = problems
-        for res in resources:
-            self.raw[res.name] = result.snapshot[res.name]
-            self._publish(res.name)
+    def _after_scan(self, changes: Dict[str, ResourceDiff]) -> None:
+        """Keep the health checks and the device-node watch in step with what the scan found."""
+        for name, change in changes.items():
+            self._health_follow(name, change)
         self._watch_devnodes()
+        self._update_status()
 
-    def _nodes_of(self, name: str) -> Set[str]:
+    def _health_follow(self, name: str, change: ResourceDiff) -> None:
         state = self.states.get(name)
-        nodes = {n for dev in self.raw.get(name, {}).values() for n in dev.devnodes}
-        return nodes | set(state.config.extra_devnodes) if state else nodes
+        if state is None:
+            return
+        res = state.config
+        for dev in change.removed:
+            self.scheduler.remove((name, dev.id))
+        if res.health_command:
+            for dev in change.added:
+                self.scheduler.add((name, dev.id), name, res.health_interval)
+        self._schedule_health()
 
     def _watch_devnodes(self) -> None:
         if self.devnodes is not None:
-            self.devnodes.watch({n for name in self.states for n in self._nodes_of(name)})
+            self.devnodes.watch(self.inventory.nodes())
 
     def _handle_devnodes(self) -> None:
         """A device node appeared or vanished outside udev's events: look at its device again."""
@@ -180,103 +206,18 @@ class Daemon:
         if not paths:
             return
         log.debug("device nodes changed: %s", ", ".join(sorted(paths)))
+        changes: Dict[str, Dict[str, str]] = {}
+        full = set()
         for name in sorted(self.states):
             extra = set(self.states[name].config.extra_devnodes)
             if "" in paths or extra & paths:
-                self._udev_full.add(name)  # events were lost, or a node every device shares
+                full.add(name)  # events were lost, or a node every device shares
                 continue
-            for dev in self.raw.get(name, {}).values():
+            for dev in self.inventory.raw.get(name, {}).values():
                 if paths.intersection(dev.devnodes):
-                    self._udev_changes.setdefault(name, {}).setdefault(dev.sys_path, "change")
+                    changes.setdefault(name, {})[dev.sys_path] = "change"
         # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
-        self._schedule_apply(quiet=True)
-
-    def _effective(self, name: str) -> Dict[str, Device]:
-        """Rule health from the scan, overlaid with the damped health_command result."""
-        out = {}
-        for dev_id, dev in self.raw.get(name, {}).items():
-            cmd = self.command_health.get((name, dev_id))
-            if dev.healthy and cmd is not None and not cmd[0]:
-                dev = dataclasses.replace(dev, health=UNHEALTHY, reason=cmd[1])
-            out[dev_id] = dev
-        return out
-
-    def _publish(self, name: str) -> None:
-        state = self.states.get(name)
-        if state is None:
-            return
-        res = state.config
-        old = state.current()[1]
-        new = self._effective(name)
-        if not state.publish(new):
-            return
-        change = diff({name: old}, {name: new}).get(name)
-        if change is None:
-            return
-        now = self.clock()
-        for dev in change.added:
-            self.sink.emit(events.devices_event("added", name, dev.id, dev.devnodes, dev.health, dev.reason))
-            if res.health_command:
-                self.health_due[(name, dev.id)] = now
-        for dev in change.removed:
-            allocated = state.allocated_at(dev.id)
-            extra = ""
-            if allocated:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(allocated))
-                extra = f"it was allocated to a container at {stamp}, which may have lost it"
-            self.sink.emit(events.devices_event("removed", name, dev.id, dev.devnodes, dev.health, "", extra))
-            self.command_health.forget((name, dev.id))
-            self.health_due.pop((name, dev.id), None)
-        for before, after in change.changed:
-            if before.healthy and not after.healthy:
-                self.sink.emit(events.devices_event("unhealthy", name, after.id, after.devnodes, after.health,
-                                                    after.reason))
-            elif not before.healthy and after.healthy:
-                self.sink.emit(events.devices_event("recovered", name, after.id, after.devnodes, after.health,
-                                                    before.reason))
-            elif before.reason != after.reason and not after.healthy:
-                log.info("%s: device %s still unhealthy: %s", name, after.id, after.reason)
-            else:
-                log.debug("%s: device %s changed: %s -> %s", name, after.id, before, after)
-        self._update_status()
-
-    def _run_health_checks(self) -> None:
-        now = self.clock()
-        for key, due in list(self.health_due.items()):
-            if due > now or key in self.health_running:
-                continue
-            name, dev_id = key
-            state = self.states.get(name)
-            dev = self.raw.get(name, {}).get(dev_id)
-            if state is None or dev is None:
-                self.health_due.pop(key, None)
-                continue
-            res = state.config
-            self.health_running.add(key)
-            self.health_due[key] = now + res.health_interval
-            fut = self.health_pool.submit(commands.run_health_command, res, dev)
-            fut.add_done_callback(self._health_done(key, res))
-
-    def _health_done(self, key: Tuple[str, str], res: config.ResourceConfig
-                     ) -> Callable[[futures.Future[commands.Result]], None]:
-        """A done-callback (pool thread) that hands the result to the main thread."""
-        def done(fut: futures.Future[commands.Result]) -> None:
-            self.post(lambda: self._health_result(key, res, fut))
-        return done
-
-    def _health_result(self, key: Tuple[str, str], res: config.ResourceConfig,
-                       fut: futures.Future[commands.Result]) -> None:
-        self.health_running.discard(key)
-        state = self.states.get(key[0])
-        if state is None or state.config is not res or key[1] not in self.raw.get(key[0], {}):
-            return  # the device or resource went away meanwhile
-        try:
-            result = fut.result()
-            ok, reason = result.ok, ("" if result.ok else f"health_command: {result.detail}")
-        except Exception as exc:  # noqa: BLE001 - a failing check must not stop the daemon
-            ok, reason = False, f"health_command could not run: {exc}"
-        self.command_health.observe(key, ok, reason, res.health_threshold)
-        self._publish(key[0])
+        self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
 
     def _handle_udev(self) -> None:
         assert self.monitor is not None
@@ -284,73 +225,121 @@ class Daemon:
             batch = self.monitor.drain()
         except Overflow as exc:
             log.warning("%s; rescanning every resource", exc)
-            self._rescan(list(self.states))
+            self._after_scan(self.inventory.scan(self.context, list(self.states)))
             return
         if not batch:
             return
-        snapshot = {n: self.raw.get(n, {}) for n in self.states}
+        snapshot = {n: self.inventory.raw.get(n, {}) for n in self.states}
         resources = [s.config for s in self.states.values()]
-        ours = False
+        changes: Dict[str, Dict[str, str]] = {}
+        full = set()
         for ev in batch:
             log.debug("udev %s %s (%s)", ev.action, ev.sys_path, ev.subsystem)
-            for name, paths in discovery.touched(resources, snapshot, ev.subsystem, ev.sys_path).items():
-                ours = True
+            for name, paths in touched(resources, snapshot, ev.subsystem, ev.sys_path).items():
                 if ev.action == "move":
-                    self._udev_full.add(name)  # the old path is gone; only a scan knows what it was
+                    full.add(name)  # the old path is gone; only a scan knows what it was
+                seen = changes.setdefault(name, {})
                 for path in paths:
                     # The event's own action for its device; an ancestor is looked at again ("change").
-                    self._udev_changes.setdefault(name, {})[path] = ev.action if path == ev.sys_path else "change"
-        if not ours:
+                    seen[path] = ev.action if path == ev.sys_path else "change"
+        if not changes and not full:
             return  # nothing of ours (a bdi device beside a loop device, say)
-        now = self.clock()
-        quiet = now - self._udev_arrived >= HOTPLUG_QUIET
-        self._udev_arrived = now
-        self._schedule_apply(quiet)
+        self._apply_when(self.coalescer.add(self.clock(), changes, full))
 
-    def _schedule_apply(self, quiet: bool) -> None:
-        """Apply the gathered changes now, or at the end of the hold-off after the last time."""
-        if not (self._udev_changes or self._udev_full) or self._udev_due is not None:
+    def _apply_when(self, when: Optional[float]) -> None:
+        if when is None:
             return
-        if quiet or self.clock() - self._udev_applied >= HOTPLUG_HOLDOFF:
+        if when <= self.clock():
             self._apply_udev()
         else:
-            self._udev_due = self._udev_applied + HOTPLUG_HOLDOFF
+            self._at("hotplug", when, self._apply_udev)
 
     def _apply_udev(self) -> None:
         """Rescan or refresh what the udev events gathered so far touched."""
-        changes, full = self._udev_changes, self._udev_full
-        self._udev_changes, self._udev_full, self._udev_due = {}, set(), None
-        self._udev_applied = self.clock()
+        changes, full = self.coalescer.take(self.clock())
         for name, seen in changes.items():
             # A burst that touches much of a resource costs less as one scan.
-            if len(seen) > max(8, len(self.raw.get(name, {})) // 2):
+            if len(seen) > max(8, len(self.inventory.raw.get(name, {})) // 2):
                 full.add(name)
         full &= set(self.states)
+        result: Dict[str, ResourceDiff] = {}
         if full:
-            self._rescan(sorted(full))
+            result.update(self.inventory.scan(self.context, sorted(full)))
         for name in sorted(set(changes) - full):
             if name in self.states:
-                self._refresh(name, changes[name])
+                change = self.inventory.refresh(self.context, name, changes[name])
+                if change:
+                    result[name] = change
+        self._after_scan(result)
 
-    def _refresh(self, name: str, changes: Mapping[str, str]) -> None:
-        """Look again at only the devices an event touched."""
-        assert self.context is not None
-        res = self.states[name].config
-        result = discovery.refresh(self.context, res, self.raw.get(name, {}), changes)
-        if result is None:
-            self._rescan([name])
-            return
-        self.raw[name], problems = result
-        for problem in problems:
-            if problem not in self.problems:
-                self.problems.add(problem)
-                log.warning("%s", problem)
-        self._publish(name)
-        self._watch_devnodes()
+    # --- health commands ---------------------------------------------------------------------
+
+    def _schedule_health(self) -> None:
+        """Start what is due; sleep until the next due time (nothing while every worker is busy)."""
+        for started in self.scheduler.take_due():
+            key: Tuple[str, str] = started.key  # type: ignore[assignment]
+            name, dev_id = key
+            state = self.states.get(name)
+            dev = self.inventory.raw.get(name, {}).get(dev_id)
+            if state is None or dev is None:
+                self.scheduler.remove(started.key)
+                continue
+            self._spawn(self._health_check(started.key, state.config, dev))
+        self._check_lag()
+        self._at("health", self.scheduler.next_deadline(), self._schedule_health)
+
+    async def _health_check(self, key: Any, res: config.ResourceConfig, dev: Any) -> None:
+        assert self.runner is not None
+        argv, env = commands.health_command_args(res, dev)
+        result = await self.runner.run(argv, env, res.health_timeout)
+        name, dev_id = key
+        if key not in self.scheduler or self.states.get(name) is None or self.states[name].config != res:
+            self.scheduler.finished(key)
+            self._schedule_health()
+            return  # the device or resource went away (or was reconfigured) meanwhile
+        if result.abandoned:
+            self.scheduler.finished(key, hold=True)
+            reason = f"health_command: {result.detail}"
+            change = self.inventory.health_result(name, dev_id, False, reason, res.health_threshold, stuck=True)
+            self._spawn(self._release_when_reaped(key, result.pid))
+        else:
+            self.scheduler.finished(key)
+            ok, reason = result.ok, ("" if result.ok else f"health_command: {result.detail}")
+            change = self.inventory.health_result(name, dev_id, ok, reason, res.health_threshold)
+        if change:
+            self._health_follow(name, change)
+        self._update_status()
+        self._schedule_health()
+
+    async def _release_when_reaped(self, key: Any, pid: int) -> None:
+        """A stuck check's device is checked again once its process has exited at last."""
+        assert self.runner is not None
+        await self.runner.wait_abandoned(pid)
+        self.scheduler.release(key)
+        change = self.inventory.release_stuck(*key)
+        if change:
+            self._health_follow(key[0], change)
+        self._update_status()
+        self._schedule_health()
+
+    def _check_lag(self) -> None:
+        lagging = self.scheduler.lagging()
+        for name, worst in lagging.items():
+            if name not in self._lagging:
+                state = self.states.get(name)
+                interval = state.config.health_interval if state else 0
+                log.warning("%s: health checks are falling behind their %g s interval (up to %.1f s late); "
+                            "[plugin] health_workers = %d may be too few for the checks configured",
+                            name, interval, worst, self.scheduler.workers)
+        for name in set(self._lagging) - set(lagging):
+            log.info("%s: health checks are on time again", name)
+        if lagging != self._lagging:
+            self._lagging = dict(lagging)
+            self._update_status()
 
     # --- reload ---------------------------------------------------------------------
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
                              "STATUS=reloading the configuration")
         try:
@@ -367,183 +356,220 @@ class Daemon:
         if new.plugin.events != old.plugin.events and self._sink_override is None:
             self.sink.close()
             self.sink = events.make_sink(new.plugin.events)
+            self.inventory.sink = self.sink
         _apply_log_level(new.plugin.log_level)
+        self.scheduler.workers = _health_workers(new)
         if (new.plugin.kubelet_dir, new.plugin.register_timeout, new.plugin.register_backoff_max) != (
                 old.plugin.kubelet_dir, old.plugin.register_timeout, old.plugin.register_backoff_max):
             log.info("kubelet settings changed: serving every resource again")
             for name in list(self.states):
-                self._stop_resource(name)
+                await self._stop_resource(name)
             assert self.connector is not None
-            self.connector.close()
+            await self.connector.close()
             self.connector = self._new_connector()
         wanted = {r.name: r for r in new.resources}
         for name in list(self.states):
             if name not in wanted:
                 log.info("%s: removed from the configuration; no longer served", name)
-                self._stop_resource(name)
+                await self._stop_resource(name)
             elif self.states[name].config != wanted[name]:
-                log.info("%s: configuration changed; serving and registering it again", name)
-                self._stop_resource(name)
+                self._reconfigure(self.states[name], wanted[name])
         for res in new.resources:
             if res.name not in self.states:
+                log.info("%s: added to the configuration", res.name)
                 self._start_resource(res)
         log.info("configuration reloaded: %d resource(s)", len(self.states))
         self._update_status()
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
 
+    def _reconfigure(self, state: ResourceState, res: config.ResourceConfig) -> None:
+        """A changed resource keeps its sockets and its registration unless the kubelet must re-read it.
+
+        The kubelet reads the options (pre_start_required) only at registration; everything
+        else (selectors, health, templates) reaches it through ListAndWatch and Allocate.
+        Needless re-registrations are what the 1.25-1.35 handler turns into a lost stream.
+        """
+        old = state.config
+        name = res.name
+        state.reconfigure(res)
+        self.scheduler.remove_group(name)
+        self._after_scan(self.inventory.scan(self.context, [name]))
+        if res.health_command:
+            for dev_id in self.inventory.raw.get(name, {}):
+                self.scheduler.add((name, dev_id), name, res.health_interval)
+        self._schedule_health()
+        if bool(old.prestart_command) != bool(res.prestart_command):
+            log.info("%s: configuration changed what the kubelet reads at registration (pre_start_required); "
+                     "registering again", name)
+            assert self.connector is not None
+            self.connector.reregister(name, "the options changed on reload")
+        else:
+            log.info("%s: configuration changed; devices rescanned, registration kept", name)
+
     # --- status and readiness ------------------------------------------------------------
 
     def _ready_deadline(self) -> float:
-        # READY=1 waits for the kubelet to accept every registration; a kubelet that keeps
+        # READY=1 waits for the kubelet to hold a stream of every resource; a kubelet that keeps
         # refusing (or a kubelet.sock nobody answers) must not hold the unit's start until
         # systemd gives up (TimeoutStartSec): past ready_timeout, READY=1 says why.
         return self._started_at + self.cfg.plugin.ready_timeout
 
     def _summary(self) -> str:
-        devices = [d for s in self.states.values() for d in s.current()[1].values()]
+        devices = self.inventory.devices()
         sick = sum(1 for d in devices if d.health != HEALTHY)
         text = f"{len(devices)} device(s)"
         if sick:
             text += f", {sick} unhealthy"
         if self.connector is not None:
             text = f"{self.connector.summary()}; {text}"
+        if self._lagging:
+            text += "; health checks falling behind: " + ", ".join(sorted(self._lagging))
+        stuck = len(self.inventory.stuck)
+        if stuck:
+            text += f"; {stuck} health check(s) stuck in uninterruptible sleep"
         return text
 
     def _update_status(self) -> None:
         if self.connector is None or not self._started:
             return
-        if not self._ready and (self.connector.settled() or self._ready_deadline() <= self.clock()):
-            self._ready = True
-            self._status = self._summary()
+        if not self._ready:
             settled = self.connector.settled()
-            if not settled:
-                errors = sorted({p.last_error for p in self.connector.plugins.values() if p.last_error})
-                self._status += "; " + "; ".join(errors)
-            self.notifier.notify("READY=1", f"STATUS={self._status}")
-            if settled:
-                log.info("ready: %s", self._status)
+            if settled or self._ready_deadline() <= self.clock():
+                self._ready = True
+                self._status = self._summary()
+                if not settled:
+                    self._status += "; " + "; ".join(self.connector.errors())
+                self.notifier.notify("READY=1", f"STATUS={self._status}")
+                if settled:
+                    log.info("ready: %s", self._status)
+                else:
+                    log.warning("ready without every registration after %g s: %s",
+                                self.cfg.plugin.ready_timeout, self._status)
             else:
-                log.warning("ready without every registration after %g s: %s", self.cfg.plugin.ready_timeout,
-                            self._status)
+                self._at("ready", self._ready_deadline(), self._update_status)
             return
-        if self._ready:
-            summary = self._summary()
-            if summary != self._status:
-                self._status = summary
-                self.notifier.notify(f"STATUS={summary}")
+        summary = self._summary()
+        if summary != self._status:
+            self._status = summary
+            self.notifier.notify(f"STATUS={summary}")
+
+    # --- the watchdog -------------------------------------------------------------------------
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every ``interval`` seconds, but only while our own sockets answer."""
+        failing = False
+        while True:
+            started = self.clock()
+            problem = await self.connector.probe(timeout=max(0.5, interval / 2)) if self.connector else None
+            if problem is None:
+                self.notifier.notify("WATCHDOG=1")
+                if failing:
+                    log.info("our sockets answer again; watchdog pings resumed")
+                failing = False
+            elif not failing:
+                log.error("a call to our own socket failed (%s); not pinging the watchdog", problem)
+                failing = True
+            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
 
     # --- the main loop ----------------------------------------------------------------------
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._signals.append(signum)
+    def fatal(self, message: str) -> None:
+        """Only a restart helps: stop, and exit non-zero so systemd restarts us."""
+        log.error("%s", message)
+        self._exit_status = EXIT_FAILURE
+        if self._stopping is not None:
+            self._stopping.set()
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; return the exit status."""
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-        previous = {s: signal.signal(s, self._on_signal) for s in handled}
-        old_wakeup = signal.set_wakeup_fd(self._wake_w)
-        sel = selectors.DefaultSelector()
-        try:
-            self.start()
-            assert self.connector is not None and self.monitor is not None
-            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            sel.register(self.monitor.fileno(), selectors.EVENT_READ, "udev")
-            sel.register(self.connector.fileno(), selectors.EVENT_READ, "kubelet")
-            assert self.devnodes is not None
-            sel.register(self.devnodes.fileno(), selectors.EVENT_READ, "devnodes")
-            interval = watchdog_interval()
-            next_ping = self.clock()
-            while not self._stop:
-                now = self.clock()
-                if interval is not None and now >= next_ping:
-                    self.notifier.notify("WATCHDOG=1")
-                    next_ping = now + interval
-                deadlines = [d for d in (self.connector.next_deadline(), self._udev_due,
-                                         None if self._ready else self._ready_deadline(),
-                                         min(self.health_due.values(), default=None),
-                                         next_ping if interval is not None else None) if d is not None]
-                timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
-                for key, _ in sel.select(timeout):
-                    if key.data == "wake":
-                        self._drain_wake()
-                    elif key.data == "udev":
-                        self._handle_udev()
-                    elif key.data == "kubelet":
-                        self.connector.handle_inotify()
-                    elif key.data == "devnodes":
-                        self._handle_devnodes()
-                if self._udev_due is not None and self.clock() >= self._udev_due:
-                    self._apply_udev()
-                self._run_posted()
-                self._handle_signals(sel)
-                self.connector.run_due()
-                self._run_health_checks()
-                self._update_status()
-            return EXIT_OK
-        finally:
-            self.notifier.notify("STOPPING=1", "STATUS=stopping")
-            self._shutdown()
-            sel.close()
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def _fatal_exception(self, exc: BaseException) -> None:
+        log.error("internal error: %s: %s; exiting so that systemd restarts the service",
+                  type(exc).__name__, exc, exc_info=exc)
+        self._exit_status = EXIT_FAILURE
+        if self._stopping is not None:
+            self._stopping.set()
 
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (asyncio.CancelledError, ConnectionResetError, BrokenPipeError)):
+            return
+        if exc is None:
+            log.debug("event loop: %s", context.get("message"))
+            return
+        self._fatal_exception(exc)
 
-    def _run_posted(self) -> None:
-        while True:
-            try:
-                fn = self._posted.get_nowait()
-            except queue.Empty:
-                return
-            fn()
+    def request_stop(self) -> None:
+        """Stop the daemon; callable from any thread (tests drive an in-process daemon this way)."""
+        if self.loop is not None and self._stopping is not None:
+            self.loop.call_soon_threadsafe(self._stopping.set)
 
-    def _handle_signals(self, sel: selectors.BaseSelector) -> None:
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("%s received: stopping", signal.Signals(signum).name)
-                self._stop = True
-            elif signum == signal.SIGHUP:
-                log.info("SIGHUP received: reloading %s", self.config_path)
-                old = self.connector
-                assert old is not None
-                old_fd = old.fileno()
-                self.reload()
-                if self.connector is not old and self.connector is not None:
-                    # kubelet_dir changed: a new connector with a new inotify descriptor
-                    # (possibly reusing the old number, so unregister by number first).
-                    _unregister(sel, old_fd)
-                    sel.register(self.connector.fileno(), selectors.EVENT_READ, "kubelet")
-            elif signum == signal.SIGUSR1:
-                log.info("SIGUSR1 received: checking the registrations")
-                assert self.connector is not None
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            assert self._stopping is not None
+            self._stopping.set()
+        elif signum == signal.SIGHUP:
+            log.info("SIGHUP received: reloading %s", self.config_path)
+            self._spawn(self.reload())
+        elif signum == signal.SIGUSR1:
+            log.info("SIGUSR1 received: checking the registrations")
+            if self.connector is not None:
                 self.connector.verify()
 
-    def _shutdown(self) -> None:
+    async def run_async(self) -> int:
+        """Serve until SIGTERM/SIGINT (or a fatal error); return the exit status."""
+        loop = asyncio.get_event_loop()
+        loop.set_exception_handler(self._loop_exception)
+        self._stopping = asyncio.Event()
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        for s in handled:
+            loop.add_signal_handler(s, self._on_signal, s)
+        watchdog: Optional[asyncio.Future] = None
+        try:
+            self.start()
+            interval = watchdog_interval()
+            if interval is not None:
+                watchdog = asyncio.ensure_future(self._watchdog(interval))
+            await self._stopping.wait()
+            return self._exit_status
+        finally:
+            # A SIGHUP or SIGUSR1 from here on must not kill the exiting process by its default action.
+            for s in handled:
+                loop.remove_signal_handler(s)
+            for s in (signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(s, signal.SIG_IGN)
+            self.notifier.notify("STOPPING=1", "STATUS=stopping")
+            if watchdog is not None:
+                watchdog.cancel()
+            await self._shutdown()
+
+    def run(self) -> int:
+        """Run the daemon on a new event loop (the ``serve`` command)."""
+        return asyncio.run(self.run_async())
+
+    async def _shutdown(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self.loop is not None:
+            for fd in (self.monitor.fileno() if self.monitor else None,
+                       self.devnodes.fileno() if self.devnodes else None):
+                if fd is not None:
+                    with contextlib.suppress(ValueError, OSError):
+                        self.loop.remove_reader(fd)
         if self.connector is not None:
-            self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
-        # A prestart or health command still running would hold its handler thread, and so
-        # the exit: end it.
-        commands.kill_running()
-        self.health_pool.shutdown(wait=False, cancel_futures=True)
+            await self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
+        if self.runner is not None:
+            self.runner.close()  # what is still running ends now, with its process group
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.devnodes is not None:
             self.devnodes.close()
         self.sink.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
-def _unregister(sel: selectors.BaseSelector, fd: int) -> None:
-    try:
-        sel.unregister(fd)
-    except (KeyError, ValueError):
-        pass
+def _health_workers(cfg: config.Config) -> int:
+    return int(getattr(cfg.plugin, "health_workers", DEFAULT_HEALTH_WORKERS))
 
 
 def _apply_log_level(level: str) -> None:
@@ -574,7 +600,7 @@ def setup_logging(level: str) -> None:
 def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
     """The ``serve`` command: run until stopped and return the exit status."""
     try:
-        daemon = Daemon(config_path, kubelet_dir)
+        daemon = Daemon(config_path, kubelet_dir, reap_strays=commands.become_subreaper())
     except config.ConfigError as exc:
         setup_logging("info")
         for message in exc.messages:
@@ -584,25 +610,7 @@ def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
     setup_logging(daemon.cfg.plugin.log_level)
     log.info("udev-device-plugin starting: %d resource(s), kubelet directory %s",
              len(daemon.cfg.resources), daemon.cfg.plugin.kubelet_dir)
-    status = daemon.run()
-    _exit_leftover_threads(status)
-    return status
+    return daemon.run()
 
 
-def _exit_leftover_threads(status: int) -> None:
-    """A handler still finishing must not hold the exit past systemd's patience.
-
-    Our pools' threads (gRPC handlers, health checks) are joined by concurrent.futures at
-    interpreter exit, whatever their daemon flag; their commands were killed in _shutdown.
-    """
-    deadline = time.monotonic() + 2.0
-    for thread in threading.enumerate():
-        if thread is threading.current_thread():
-            continue
-        if thread.daemon and not thread.name.startswith(("grpc_", "health_")):
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            log.warning("thread %s still busy at exit; exiting anyway", thread.name)
-            logging.shutdown()
-            os._exit(status)
+__all__: List[str] = ["Daemon", "serve", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG"]

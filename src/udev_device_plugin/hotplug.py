@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import pyudev
 
@@ -45,7 +45,11 @@ class HotplugMonitor:
         return int(self.monitor.fileno())
 
     def drain(self) -> List[UdevEvent]:
-        """Every event waiting now, without blocking; raise Overflow when some were lost."""
+        """Every event waiting now, without blocking; raise Overflow when some were lost.
+
+        An event whose data does not decode (a device named with bytes that are not UTF-8,
+        which root can create) is skipped with a WARNING naming its path, escaped.
+        """
         events: List[UdevEvent] = []
         lost = False
         while True:
@@ -60,12 +64,78 @@ class HotplugMonitor:
                 raise
             if device is None:
                 break
-            action = device.action or ""
-            if action in ACTIONS:
-                events.append(UdevEvent(action, device.subsystem, device.sys_path))
+            try:
+                action = device.action or ""
+                if action in ACTIONS:
+                    events.append(UdevEvent(action, device.subsystem, device.sys_path))
+            except (UnicodeDecodeError, ValueError) as exc:
+                log.warning("udev event for %s skipped: its data is not text (%s)", raw_sys_path(device), exc)
         if lost:
             raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
         return events
+
+
+def raw_sys_path(device: object) -> str:
+    """The device's sysfs path with undecodable bytes escaped (for a message)."""
+    try:
+        raw = device._libudev.udev_device_get_syspath(device)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - only for a message
+        return "(unknown device)"
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "backslashreplace")
+    return repr(raw)
+
+
+class Coalescer:
+    """When to apply the udev changes gathered so far: a pure function of the events and a clock.
+
+    A change after a quiet spell (``quiet`` without a udev event) is applied at once.  Changes
+    that follow others closely (a burst: 100 devices plugged at once) wait until ``holdoff``
+    after the last application, so the kubelet gets a few full lists, not one growing list
+    per device.
+    """
+
+    def __init__(self, quiet: float = 0.005, holdoff: float = 0.02) -> None:
+        self.quiet = quiet
+        self.holdoff = holdoff
+        self.changes: Dict[str, Dict[str, str]] = {}
+        self.full: Set[str] = set()
+        self.due: Optional[float] = None
+        self._applied = float("-inf")
+        self._arrived = float("-inf")
+
+    def add(self, now: float, changes: Mapping[str, Mapping[str, str]], full: Iterable[str] = (),
+            arrival: bool = True) -> Optional[float]:
+        """Gather changes (resource -> sys_path -> action) and full rescans; return when to apply.
+
+        ``arrival``: a udev event (counts for quiet spells); a device node seen by inotify is not,
+        since its udev event follows at once.  Returns ``now`` to apply at once, a later time, or
+        None when nothing is pending or an application is scheduled already.
+        """
+        for name, paths in changes.items():
+            seen = self.changes.setdefault(name, {})
+            for path, action in paths.items():
+                if action == "change":
+                    seen.setdefault(path, action)  # an event of its own for the device wins
+                else:
+                    seen[path] = action
+        self.full.update(full)
+        quiet = True
+        if arrival:
+            quiet = now - self._arrived >= self.quiet
+            self._arrived = now
+        if not (self.changes or self.full) or self.due is not None:
+            return None
+        if quiet or now - self._applied >= self.holdoff:
+            return now
+        self.due = self._applied + self.holdoff
+        return self.due
+
+    def take(self, now: float) -> Tuple[Dict[str, Dict[str, str]], Set[str]]:
+        changes, full = self.changes, self.full
+        self.changes, self.full, self.due = {}, set(), None
+        self._applied = now
+        return changes, full
 
 
 class DevnodeWatch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from typing import Any, Callable, Dict, List
 
 import grpc
@@ -65,7 +66,10 @@ def our_sockets(kubelet_dir: str) -> List[str]:
 
 
 def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
-    """Ask each of our sockets, as the kubelet would, for its options and device list."""
+    """Ask each of our sockets, as the kubelet would, for its options, and for its registration and devices.
+
+    No ListAndWatch: a stream opened here could be taken for the kubelet's.
+    """
     report: Dict[str, Any] = {"kubelet_dir": kubelet_dir, "resources": [], "unanswered": []}
     for path in our_sockets(kubelet_dir):
         channel = grpc.insecure_channel("unix:" + path)
@@ -73,42 +77,47 @@ def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
             stub = api.Stub(channel)
             options = stub.GetDevicePluginOptions(api.Empty(), timeout=timeout)
             status = stub.GetStatus(api.StatusRequest(), timeout=timeout)
-            stream = stub.ListAndWatch(api.Empty(), timeout=timeout)
-            first = next(iter(stream))
-            stream.cancel()
         except grpc.RpcError as exc:
             report["unanswered"].append({"socket": path, "error": f"{exc.code().name}: {exc.details()}"})
             continue
-        except StopIteration:
-            report["unanswered"].append({"socket": path, "error": "ListAndWatch ended without a message"})
-            continue
         finally:
             channel.close()
-        health = {d.id: d for d in status.devices}
         report["resources"].append({
             "resource": status.resource_name,
             "socket": path,
             "registered": status.registered,
+            "state": status.state,
+            "since": status.since,
+            "stream_since": status.stream_since,
+            "endpoint": status.endpoint,
+            "streams_lost": status.streams_lost,
             "last_error": status.last_error,
             "registrations": status.registrations,
             "pid": status.pid,
             "version": status.version,
             "options": {"pre_start_required": options.pre_start_required,
                         "get_preferred_allocation_available": options.get_preferred_allocation_available},
-            "devices": [{
-                "id": d.ID, "health": d.health, "numa_nodes": [n.ID for n in d.topology.nodes],
-                "reason": health[d.ID].reason if d.ID in health else "",
-                "devnodes": list(health[d.ID].devnodes) if d.ID in health else [],
-            } for d in first.devices],
+            "devices": [{"id": d.id, "health": d.health, "numa_nodes": list(d.numa_nodes), "reason": d.reason,
+                         "devnodes": list(d.devnodes)} for d in status.devices],
         })
     return report
 
 
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
 def print_inspect(report: Dict[str, Any], echo: Callable[[str], None]) -> None:
     for res in report["resources"]:
-        state = "registered" if res["registered"] else f"NOT registered ({res['last_error'] or 'pending'})"
+        if res["registered"]:
+            state = f"registered; stream connected since {_when(res['stream_since'])}"
+        else:
+            state = f"NOT registered: {res['state'] or 'unknown'} since {_when(res['since'])}"
+            if res["last_error"]:
+                state += f" ({res['last_error']})"
         opts = res["options"]
         echo(f"{res['resource']}: {state}; pid {res['pid']}; socket {res['socket']}")
+        echo(f"  registrations accepted: {res['registrations']}; streams the kubelet ended: {res['streams_lost']}")
         echo(f"  options: pre_start_required={opts['pre_start_required']} "
              f"get_preferred_allocation_available={opts['get_preferred_allocation_available']}")
         for dev in res["devices"]:

@@ -1,21 +1,26 @@
-"""Serve -> register -> watch -> re-register: our side of the kubelet's device manager.
+"""Our side of the kubelet's device manager: serve sockets, register, follow the kubelet.
 
-What the kubelet does that shapes this file (see KUBELET.md):
-- During Register it dials our socket and calls GetDevicePluginOptions, so we serve first.
-- On start it deletes every socket in its directory, then creates kubelet.sock.  The
-  newest kubelet also recreates kubelet.sock when its own gRPC server fails.
-- Re-registering on a socket path that a kubelet still holds a stream for is either
-  rejected (new kubelets) or disconnects the new stream later (old ones, upstream issue
-  kubernetes/kubernetes#121994), so every registration gets a fresh socket file.
+This module carries out what registration.py decides.  It owns the socket directory
+(sockdir.py: opened by descriptor, watched with inotify together with its parent, so a
+rename, a removal or a replacement by a file or a symlink is seen at once and never
+followed), one grpc.aio server per fresh socket, the Register calls, and the timers of
+each resource's state machine.  It turns what it sees into registration events:
 
-Nothing polls: an inotify watch on the directory reports our socket vanishing and
-kubelet.sock appearing; failed Register calls are retried with capped backoff.
-Everything here runs on the daemon's main thread except gRPC callbacks, which only
-hand results back through ``post``.
+- our socket deleted (a kubelet restart's clean-up)      -> SocketGone
+- kubelet.sock created / removed                          -> KubeletAppeared / KubeletGone
+- a ListAndWatch stream opened or ended on our socket     -> StreamOpened / StreamEnded
+- Register answered                                        -> Answered
+- the socket directory lost or back                        -> DirectoryLost / DirectoryBack
+
+Everything runs on the daemon's event loop; nothing polls, except the short, bounded wait
+for the kubelet to close an ended stream's connection before a re-registration
+(kubernetes#121994), which reads /proc/net/unix every few milliseconds for at most a second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -23,23 +28,25 @@ import logging
 import os
 import stat
 import time
-from concurrent import futures
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import grpc
 
-from . import __version__, api
+from . import __version__, api, commands, registration
 from . import inotify as ino
 from .config import KUBELET_SOCKET
-from .servicer import DevicePluginServicer, ResourceState, StatusServicer, options_for
+from .registration import Registration, State
+from .servicer import DevicePluginServicer, PrestartLimit, ResourceState, StatusServicer, StreamHooks, options_for
+from .sockdir import SOCKET_MODE, RestartNeeded, SocketDir, connections
 
 log = logging.getLogger(__name__)
 
 API_VERSION = api.API_VERSION
 SOCKET_PREFIX = "udevdp-"
-# sun_path holds 108 bytes including the terminating NUL.
+# sun_path holds 108 bytes including the terminating NUL; the kubelet dials the real path.
 _MAX_SOCKET_PATH = 107
-_FIRST_RETRY = 0.02
+_DRAIN_POLL = 0.005
 
 SERVER_OPTIONS = [
     # Notice a kubelet that hangs without closing the connection.
@@ -47,35 +54,18 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10000),
     ("grpc.http2.ping_timeout_ms", 10000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
+# Calls one socket serves at once; the kubelet makes one at a time, plus its stream.
+MAX_CONCURRENT_RPCS = 64
 
-SocketId = Tuple[int, int, int]  # st_dev, st_ino, st_ctime_ns of kubelet.sock
-
-
-def socket_identity(path: str) -> Optional[SocketId]:
-    """Which kubelet.sock is there now: None when absent or not a socket."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISSOCK(st.st_mode):
-        return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+# Socket numbers are unique for the life of the process, across reloads (a name must never be
+# offered to a kubelet twice).
+_socket_numbers = itertools.count(1)
 
 
-def remove_socket(path: str, inode: Optional[int] = None) -> bool:
-    """Unlink ``path`` only if it is a UNIX socket (never through a symlink) and, if given, ours."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode) or (inode is not None and st.st_ino != inode):
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+def next_socket_number() -> int:
+    return next(_socket_numbers)
 
 
 def socket_name(resource: str, pid: int, seq: int, kubelet_dir: str) -> str:
@@ -87,347 +77,533 @@ def socket_name(resource: str, pid: int, seq: int, kubelet_dir: str) -> str:
     return name
 
 
-class Endpoint:
-    """One gRPC server on one fresh socket file, serving one resource."""
+@contextlib.contextmanager
+def _umask(mask: int) -> Any:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
-    def __init__(self, plugin: ResourcePlugin, kubelet_dir: str, name: str,
-                 executor: futures.ThreadPoolExecutor) -> None:
-        self.name = name
-        self.path = os.path.join(kubelet_dir, name)
+
+class Endpoint:
+    """One grpc.aio server on one fresh socket file, serving one resource."""
+
+    def __init__(self, plugin: Plugin, connector: KubeletConnector, seq: int) -> None:
+        self.seq = seq
+        directory = connector.dir
+        self.name = socket_name(plugin.name, os.getpid(), seq, directory.path)
+        self.path = os.path.join(directory.path, self.name)
         if len(self.path) > _MAX_SOCKET_PATH:
             raise OSError(errno.ENAMETOOLONG, f"socket path {self.path} is longer than {_MAX_SOCKET_PATH} bytes")
-        self.servicer = DevicePluginServicer(plugin.state)
-        self.server = grpc.server(executor, options=SERVER_OPTIONS)
+        self.bind_path = directory.at(self.name)
+        self.directory = directory
+        name = plugin.name
+        hooks = StreamHooks(
+            opened=lambda stream: connector.feed(name, registration.StreamOpened(seq, stream)),
+            ended=lambda stream, by_us, why: connector.feed(name, registration.StreamEnded(seq, stream, by_us, why)))
+        self.servicer = DevicePluginServicer(plugin.state, hooks, connector.runner, connector.prestarts)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         self.server.add_generic_rpc_handlers([
             self.servicer.handler(),
-            StatusServicer(plugin.state, plugin.registration_status, __version__).handler()])
-        try:
-            port = self.server.add_insecure_port("unix:" + self.path)
-        except RuntimeError as exc:  # new grpcio raises, old returns 0
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.path}: {exc}") from None
+            StatusServicer(plugin.state, plugin.status, __version__).handler()])
+        # 0600 whatever the caller's umask: only root (the kubelet) may connect.
+        with _umask(0o777 & ~SOCKET_MODE):
+            try:
+                port = self.server.add_insecure_port("unix:" + self.bind_path)
+            except RuntimeError as exc:  # new grpcio raises, old returns 0
+                raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.path}: {exc}") from None
         if not port:
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.path}")
-        self.server.start()
-        st = os.lstat(self.path)
+            raise OSError(_bind_errno(directory), f"cannot listen on {self.path}")
+        st = directory.lstat(self.name)
+        if st is None or not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EADDRNOTAVAIL, f"{self.path} is not our socket after bind")
         self.inode = st.st_ino
-        self.offered = False  # named in a Register already: never offer it twice
+        if stat.S_IMODE(st.st_mode) != SOCKET_MODE:
+            os.chmod(self.bind_path, SOCKET_MODE)
+        self.started: asyncio.Future = asyncio.ensure_future(self.server.start())
+        self.stopped = False
 
     def alive(self) -> bool:
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return False
-        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self.inode
+        st = self.directory.lstat(self.name)
+        return st is not None and stat.S_ISSOCK(st.st_mode) and st.st_ino == self.inode
 
-    def stop(self) -> None:
+    def connections(self) -> int:
+        return connections(self.bind_path)
+
+    async def stop(self, grace: Optional[float] = 0.2) -> None:
         """End the streams, stop the server and remove our socket file (if still ours)."""
-        self.servicer.close()
-        self.server.stop(grace=None)
-        remove_socket(self.path, self.inode)
+        if self.stopped:
+            return
+        self.stopped = True
+        self.servicer.end_streams()
+        with contextlib.suppress(Exception):
+            await self.started
+        await self.server.stop(grace)
+        self.directory.remove_socket(self.name, self.inode)
 
 
-class ResourcePlugin:
-    """Registration state of one resource."""
+def _bind_errno(directory: SocketDir) -> int:
+    """Why did bind fail?  grpcio only says it did; test what we can."""
+    if directory.fd is None:
+        return errno.ENOENT
+    probe = f".udevdp-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600, dir_fd=directory.fd)
+    except OSError as exc:
+        return exc.errno or errno.EADDRNOTAVAIL
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe, dir_fd=directory.fd)
+    return errno.EADDRNOTAVAIL
 
-    def __init__(self, state: ResourceState) -> None:
-        self.state = state
-        self.endpoint: Optional[Endpoint] = None
-        self.registered_with: Optional[SocketId] = None
-        self.registered = False
-        self.last_error = ""
-        self.registrations = 0
-        self.attempt = 0  # generation: results of older attempts are ignored
-        self.in_flight: Optional[SocketId] = None  # the kubelet.sock a Register is under way with
-        self.retry_at: Optional[float] = None
-        self.backoff = _FIRST_RETRY
+
+@dataclass
+class Plugin:
+    """One resource: its devices, its registration and the sockets serving it."""
+
+    state: ResourceState
+    reg: Registration
+    endpoints: Dict[int, Endpoint] = field(default_factory=dict)
+    timer: Optional[asyncio.TimerHandle] = None
+    drain: Optional[asyncio.TimerHandle] = None
 
     @property
     def name(self) -> str:
         return self.state.config.name
 
-    def registration_status(self) -> Tuple[bool, str, int]:
-        return self.registered, self.last_error, self.registrations
+    def endpoint(self) -> Optional[Endpoint]:
+        return self.endpoints.get(self.reg.endpoint)
+
+    def status(self) -> Dict[str, Any]:
+        """The registration as ``inspect`` shows it (fields of status.proto's StatusResponse)."""
+        reg = self.reg
+        ep = self.endpoint()
+        wall = time.time() - time.monotonic()
+        return {"registered": reg.registered, "last_error": reg.reason, "registrations": reg.registrations,
+                "state": reg.state.name.lower(), "since": reg.since + wall,
+                "stream_since": (reg.stream_since + wall) if reg.stream_since is not None else 0.0,
+                "endpoint": ep.name if ep is not None and reg.offered else "", "streams_lost": reg.streams_lost}
 
 
 class KubeletConnector:
-    """Keeps every resource served on a live socket and registered with the current kubelet."""
+    """Keeps every resource served on a live socket and registered with the kubelet there now."""
 
-    def __init__(self, kubelet_dir: str, post: Callable[[Callable[[], None]], None],
+    def __init__(self, kubelet_dir: str, runner: commands.Runner, prestarts: PrestartLimit,
+                 on_change: Callable[[str], None], fatal: Callable[[str], None],
                  register_timeout: float = 5.0, backoff_max: float = 10.0,
-                 on_registered: Optional[Callable[[str, bool, str], None]] = None,
-                 clock: Callable[[], float] = time.monotonic, max_workers: int = 32) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stream_timeout: float = registration.STREAM_TIMEOUT) -> None:
+        self.dir = SocketDir(kubelet_dir)
         self.kubelet_dir = kubelet_dir
-        self.kubelet_socket = os.path.join(kubelet_dir, KUBELET_SOCKET)
-        self.post = post
+        self.runner = runner
+        self.prestarts = prestarts
+        self.on_change = on_change
+        self.fatal = fatal
         self.register_timeout = register_timeout
         self.backoff_max = backoff_max
-        self.on_registered = on_registered or (lambda name, ok, why: None)
+        self.stream_timeout = stream_timeout
         self.clock = clock
-        self.plugins: Dict[str, ResourcePlugin] = {}
-        self.executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+        self.loop = asyncio.get_event_loop()
+        self.plugins: Dict[str, Plugin] = {}
         self.inotify = ino.Inotify()
-        self._wd = -1
-        self._seq = itertools.count(1)
-        self._pid = os.getpid()
+        self._wd_dir = -1
+        self._wd_parent = -1
+        self._parent_watched = ""
+        self._kubelet_key: Optional[tuple] = None
+        self._kubelet_gen = 0
+        self.directory_problem = ""
+        self._tasks: set = set()
+        self._closed = False
 
-    # --- setup and teardown -------------------------------------------------
+    # --- setup and teardown -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._watch_dir()
-        self._remove_stale_sockets()
+        self.loop.add_reader(self.inotify.fileno(), self.handle_inotify)
+        self._check_directory(initial=True)
 
-    def fileno(self) -> int:
-        return self.inotify.fileno()
-
-    def _watch_dir(self) -> None:
-        os.makedirs(self.kubelet_dir, mode=0o750, exist_ok=True)
-        mask = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_DELETE_SELF
-                | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
-        self._wd = self.inotify.add_watch(self.kubelet_dir, mask)
-
-    def _remove_stale_sockets(self) -> None:
-        """Sockets a previous run of ours left behind (after a crash or kill -9)."""
-        try:
-            names = os.listdir(self.kubelet_dir)
-        except OSError:
-            return
-        ours = {p.endpoint.name for p in self.plugins.values() if p.endpoint}
-        for name in names:
-            if name.startswith(SOCKET_PREFIX) and name not in ours:
-                if remove_socket(os.path.join(self.kubelet_dir, name)):
-                    log.info("removed stale socket %s", name)
-
-    def close(self) -> None:
-        for plugin in list(self.plugins.values()):
-            self._stop_endpoint(plugin)
+    async def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.inotify.fileno())
+        for plugin in self.plugins.values():
+            self._cancel_timers(plugin)
+        stops = [ep.stop(grace=None) for p in self.plugins.values() for ep in p.endpoints.values()]
         self.plugins.clear()
-        # Handlers still running (a prestart_command) must not hold up the exit; the servers
-        # are stopped, so no new call starts.
-        self.executor.shutdown(wait=False)
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self.inotify.close()
+        self.dir.close()
 
-    # --- resources ------------------------------------------------------------
+    # --- resources --------------------------------------------------------------------------------
 
-    def add(self, state: ResourceState) -> ResourcePlugin:
-        plugin = ResourcePlugin(state)
+    def add(self, state: ResourceState) -> Plugin:
+        plugin = Plugin(state, Registration(state.config.name, since=self.clock()))
         self.plugins[plugin.name] = plugin
-        self._new_endpoint(plugin)
-        self._register_if_kubelet(plugin)
+        self.feed(plugin.name, registration.Start())
         return plugin
 
-    def remove(self, name: str) -> None:
+    async def remove(self, name: str) -> None:
         plugin = self.plugins.pop(name, None)
-        if plugin:
-            plugin.attempt += 1
-            self._stop_endpoint(plugin)
-
-    def _stop_endpoint(self, plugin: ResourcePlugin) -> None:
-        if plugin.endpoint is not None:
-            plugin.endpoint.stop()
-            plugin.endpoint = None
-
-    def _new_endpoint(self, plugin: ResourcePlugin) -> bool:
-        """Serve the resource on a fresh socket, then retire the old one."""
-        old = plugin.endpoint
-        name = socket_name(plugin.name, self._pid, next(self._seq), self.kubelet_dir)
-        try:
-            plugin.endpoint = Endpoint(plugin, self.kubelet_dir, name, self.executor)
-        except OSError as exc:
-            plugin.endpoint = None
-            plugin.last_error = f"cannot serve: {exc.strerror or exc}"
-            log.error("%s: %s", plugin.name, plugin.last_error)
-            self._schedule_retry(plugin)
-        if old is not None:
-            old.stop()
-        plugin.registered = False
-        plugin.registered_with = None
-        return plugin.endpoint is not None
-
-    # --- registration ---------------------------------------------------------
-
-    def _register_if_kubelet(self, plugin: ResourcePlugin) -> None:
-        if socket_identity(self.kubelet_socket) is None:
-            # No kubelet: inotify tells us when kubelet.sock appears.
-            plugin.retry_at = None
-            plugin.last_error = f"waiting for {self.kubelet_socket}"
+        if plugin is None:
             return
-        self._register(plugin)
+        self._cancel_timers(plugin)
+        await asyncio.gather(*(ep.stop() for ep in plugin.endpoints.values()), return_exceptions=True)
+        plugin.endpoints.clear()
 
-    @staticmethod
-    def _current(plugin: ResourcePlugin, kubelet: Optional[SocketId]) -> bool:
-        """The plugin's live socket is registered with ``kubelet``, or a Register naming it is under way."""
-        endpoint = plugin.endpoint
-        return endpoint is not None and endpoint.alive() and (
-            (endpoint.offered and plugin.in_flight == kubelet)
-            or (plugin.registered and plugin.registered_with == kubelet))
+    def reregister(self, name: str, why: str) -> None:
+        self.feed(name, registration.Reregister(why))
 
-    def _register(self, plugin: ResourcePlugin) -> None:
-        kubelet = socket_identity(self.kubelet_socket)
-        endpoint = plugin.endpoint
-        if self._current(plugin, kubelet):
-            # This kubelet is answering a Register that names this very socket, or accepted it
-            # already: inotify can report a restart in two batches (our socket gone, then
-            # kubelet.sock created), and registering again would retire a stream the kubelet just
-            # opened (older kubelets then drop the new registration too, upstream issue
-            # kubernetes/kubernetes#121994).  A Register still under way for a socket we have since
-            # replaced covers nothing: the new socket is registered (the old answer is ignored).
+    # --- the state machines ---------------------------------------------------------------------
+
+    def env(self) -> registration.Env:
+        return registration.Env(now=self.clock(), kubelet=self.kubelet(), next_endpoint=next_socket_number,
+                                directory_problem=self.directory_problem, backoff_max=self.backoff_max,
+                                stream_timeout=self.stream_timeout)
+
+    def feed(self, name: str, event: registration.Event) -> None:
+        """Hand ``event`` to the resource's state machine and carry out what it decides."""
+        plugin = self.plugins.get(name)
+        if plugin is None or self._closed:
             return
-        # Every Register names a socket no kubelet has seen (KUBELET.md: duplicates on one
-        # path are refused by new kubelets and break old ones).
-        if endpoint is None or endpoint.offered or not endpoint.alive():
-            if not self._new_endpoint(plugin):
+        before = (plugin.reg.state, plugin.reg.reason)
+        actions = registration.step(plugin.reg, event, self.env())
+        for action in actions:
+            self._execute(plugin, action)
+        self._arm_timer(plugin)
+        if (plugin.reg.state, plugin.reg.reason) != before:
+            self.on_change(name)
+
+    def _execute(self, plugin: Plugin, action: registration.Action) -> None:
+        if isinstance(action, registration.Serve):
+            try:
+                plugin.endpoints[action.endpoint] = Endpoint(plugin, self, action.endpoint)
+            except OSError as exc:
+                if exc.errno == errno.EROFS:
+                    self.fatal(f"cannot create sockets in {self.kubelet_dir}: read-only here (under systemd: the "
+                               "directory was replaced after the service started, outside its ReadWritePaths=); "
+                               "exiting so that a restart serves in the new directory")
+                    return
+                why = exc.strerror or str(exc)
+                self.loop.call_soon(self.feed, plugin.name, registration.ServeFailed(action.endpoint, why))
+        elif isinstance(action, registration.Retire):
+            endpoint = plugin.endpoints.pop(action.endpoint, None)
+            if endpoint is not None:
+                self._spawn(endpoint.stop())
+        elif isinstance(action, registration.EndStreams):
+            endpoint = plugin.endpoints.get(action.endpoint)
+            if endpoint is None:
+                self.loop.call_soon(self.feed, plugin.name, registration.Drained(action.endpoint))
+            else:
+                endpoint.servicer.end_streams()
+                self._watch_drain(plugin, endpoint)
+        elif isinstance(action, registration.Register):
+            self._spawn(self._register_call(plugin, action.endpoint, action.attempt))
+        elif isinstance(action, registration.Log):
+            log.log(action.level, "%s", action.message)
+
+    def _arm_timer(self, plugin: Plugin) -> None:
+        if plugin.timer is not None:
+            plugin.timer.cancel()
+            plugin.timer = None
+        deadline = plugin.reg.deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - self.clock())
+            plugin.timer = self.loop.call_later(delay, self.feed, plugin.name, registration.Tick())
+
+    def _cancel_timers(self, plugin: Plugin) -> None:
+        for handle in (plugin.timer, plugin.drain):
+            if handle is not None:
+                handle.cancel()
+        plugin.timer = plugin.drain = None
+
+    def _watch_drain(self, plugin: Plugin, endpoint: Endpoint) -> None:
+        """Tell the machine when the kubelet has closed its connection to ``endpoint`` (bounded by its timer)."""
+        def check() -> None:
+            plugin.drain = None
+            if self.plugins.get(plugin.name) is not plugin or plugin.reg.state is not State.DRAINING:
                 return
-        endpoint = plugin.endpoint
-        assert endpoint is not None
-        endpoint.offered = True
-        plugin.attempt += 1
-        attempt = plugin.attempt
-        plugin.in_flight = kubelet
-        plugin.retry_at = None
+            if endpoint.connections() == 0:
+                self.feed(plugin.name, registration.Drained(endpoint.seq))
+            else:
+                plugin.drain = self.loop.call_later(_DRAIN_POLL, check)
+
+        if plugin.drain is not None:
+            plugin.drain.cancel()
+        plugin.drain = self.loop.call_later(_DRAIN_POLL, check)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _register_call(self, plugin: Plugin, seq: int, attempt: int) -> None:
+        endpoint = plugin.endpoints.get(seq)
+        if endpoint is None:
+            self.feed(plugin.name, registration.Answered(attempt, False, "our socket was retired meanwhile"))
+            return
         request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint.name, resource_name=plugin.name,
                                       options=options_for(plugin.state.config))
-        channel = grpc.insecure_channel("unix:" + self.kubelet_socket)
         try:
-            future = api.Stub(channel, (api.REGISTER,)).Register.future(request, timeout=self.register_timeout)
-        except Exception as exc:  # noqa: BLE001 - a broken channel must not stop the daemon
-            channel.close()
-            self._finish(plugin, attempt, endpoint, kubelet, False, f"Register could not start: {exc}")
-            return
-
-        def done(fut: grpc.Future) -> None:
+            await endpoint.started  # serving before Register: the kubelet dials back during it
+            channel = grpc.aio.insecure_channel("unix:" + self.dir.at(KUBELET_SOCKET))
             try:
-                fut.result()
-                ok, why = True, ""
-            except grpc.RpcError as exc:
-                ok, why = False, f"{exc.code().name}: {exc.details()}"
-            except Exception as exc:  # noqa: BLE001
-                ok, why = False, str(exc)
-            def finish() -> None:  # back on the main thread
-                channel.close()
-                self._finish(plugin, attempt, endpoint, kubelet, ok, why)
+                await api.Stub(channel, (api.REGISTER,)).Register(request, timeout=self.register_timeout)
+            finally:
+                await channel.close()
+            ok, why = True, ""
+        except grpc.aio.AioRpcError as exc:
+            ok, why = False, f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken channel must not stop the daemon
+            ok, why = False, str(exc) or type(exc).__name__
+        self.feed(plugin.name, registration.Answered(attempt, ok, why))
 
-            self.post(finish)
+    # --- what the kubelet is doing ---------------------------------------------------------------
 
-        future.add_done_callback(done)
+    def kubelet(self) -> Optional[registration.KubeletId]:
+        """kubelet.sock now: its inode and how many times we saw it created; None when absent."""
+        if self.directory_problem:
+            return None
+        st = self.dir.lstat(KUBELET_SOCKET)
+        if st is None or not stat.S_ISSOCK(st.st_mode):
+            return None
+        key = (st.st_dev, st.st_ino)
+        if key != self._kubelet_key:
+            self._kubelet_key = key
+            self._kubelet_gen += 1
+        return (st.st_dev, st.st_ino, self._kubelet_gen)
 
-    def _finish(self, plugin: ResourcePlugin, attempt: int, endpoint: Endpoint, kubelet: Optional[SocketId],
-                ok: bool, why: str) -> None:
-        if attempt != plugin.attempt or self.plugins.get(plugin.name) is not plugin:
-            return  # superseded by a newer attempt, or the resource was removed
-        plugin.in_flight = None
-        if ok:
-            plugin.registered = True
-            plugin.registered_with = kubelet
-            plugin.registrations += 1
-            plugin.last_error = ""
-            plugin.backoff = _FIRST_RETRY
-            log.info("%s: registered with the kubelet as %s", plugin.name, endpoint.name)
-        else:
-            plugin.registered = False
-            plugin.last_error = f"Register failed: {why}"
-            log.warning("%s: %s; retrying in %.2f s", plugin.name, plugin.last_error, plugin.backoff)
-            self._schedule_retry(plugin)
-        self.on_registered(plugin.name, ok, why)
-
-    def _schedule_retry(self, plugin: ResourcePlugin) -> None:
-        plugin.retry_at = self.clock() + plugin.backoff
-        plugin.backoff = min(plugin.backoff * 2, self.backoff_max)
-
-    def next_deadline(self) -> Optional[float]:
-        times = [p.retry_at for p in self.plugins.values() if p.retry_at is not None]
-        return min(times) if times else None
-
-    def run_due(self) -> None:
-        now = self.clock()
-        for plugin in list(self.plugins.values()):
-            if plugin.retry_at is not None and plugin.retry_at <= now:
-                plugin.retry_at = None
-                if plugin.endpoint is None or not plugin.endpoint.alive():
-                    if not self._new_endpoint(plugin):
-                        continue
-                self._register_if_kubelet(plugin)
-
-    # --- reacting to the kubelet ----------------------------------------------
+    def kubelet_present(self) -> bool:
+        return self.kubelet() is not None
 
     def handle_inotify(self) -> None:
-        """Read the directory's events and act once on the batch."""
-        ours_gone = set()
-        kubelet_new = False
-        rewatch = False
-        by_socket = {p.endpoint.name: p.name for p in self.plugins.values() if p.endpoint}
-        for event in self.inotify.read():
+        """Read the watches' events and act once on the batch."""
+        try:
+            events = self.inotify.read()
+        except OSError as exc:  # pragma: no cover - EBADF at shutdown
+            log.debug("inotify read failed: %s", exc)
+            return
+        ours_gone: List[tuple] = []
+        kubelet_created = kubelet_removed = recheck = overflow = False
+        by_socket = {ep.name: (p.name, seq) for p in self.plugins.values() for seq, ep in p.endpoints.items()}
+        base = os.path.basename(self.kubelet_dir)
+        for event in events:
             if event.mask & ino.IN_Q_OVERFLOW:
-                log.warning("inotify queue overflow on %s; checking every registration", self.kubelet_dir)
-                self.verify()
-                continue
-            if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
-                rewatch = True
-                continue
-            if event.mask & (ino.IN_DELETE | ino.IN_MOVED_FROM):
-                if event.name in by_socket:
-                    ours_gone.add(by_socket[event.name])
-                elif event.name == KUBELET_SOCKET:
-                    log.info("kubelet.sock removed: the kubelet is stopping or restarting")
-            elif event.mask & (ino.IN_CREATE | ino.IN_MOVED_TO) and event.name == KUBELET_SOCKET:
-                kubelet_new = True
-        if rewatch:
-            log.warning("%s was removed; recreating it and serving again", self.kubelet_dir)
-            if self._wd >= 0:
-                self.inotify.rm_watch(self._wd)
-            self._watch_dir()
-            ours_gone = set(self.plugins)
-            kubelet_new = kubelet_new or socket_identity(self.kubelet_socket) is not None
-        for name in sorted(ours_gone):
-            plugin = self.plugins[name]
-            if plugin.endpoint is not None and plugin.endpoint.alive():
-                continue  # an older socket of ours, already replaced
-            log.info("%s: our socket was removed; serving on a new one", name)
-            self._new_endpoint(plugin)
-        if kubelet_new:
-            log.info("kubelet.sock created: registering every resource again")
-        for plugin in self.plugins.values():
-            if kubelet_new or plugin.name in ours_gone:
-                self._reregister(plugin)
+                overflow = True
+            elif event.wd == self._wd_dir and self._wd_dir >= 0:
+                if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
+                    recheck = True
+                elif event.mask & (ino.IN_DELETE | ino.IN_MOVED_FROM):
+                    if event.name in by_socket:
+                        ours_gone.append(by_socket[event.name])
+                    elif event.name == KUBELET_SOCKET:
+                        kubelet_removed = True
+                elif event.mask & (ino.IN_CREATE | ino.IN_MOVED_TO) and event.name == KUBELET_SOCKET:
+                    kubelet_created = True
+                    self._kubelet_key = None  # a new kubelet.sock, even if its inode number is reused
+            elif event.wd == self._wd_parent and self._wd_parent >= 0:
+                if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
+                    recheck = True
+                elif event.name == base or self._parent_watched != os.path.dirname(self.kubelet_dir):
+                    recheck = True  # our directory's name changed, or an ancestor we wait on did
+            # Events of watches already replaced (IN_IGNORED of a removed watch) are ignored.
+        if recheck or overflow:
+            if overflow:
+                log.warning("inotify queue overflow on %s; checking the directory and every registration",
+                            self.kubelet_dir)
+            if self._check_directory():
+                return  # lost or back: the machines were told
+        for name, seq in ours_gone:
+            plugin = self.plugins.get(name)
+            if plugin is not None and seq in plugin.endpoints and not plugin.endpoints[seq].alive():
+                self.feed(name, registration.SocketGone(seq))
+        if overflow:
+            self._verify_sockets()
+        kubelet = self.kubelet()
+        if kubelet is not None and (kubelet_created or overflow):
+            if kubelet_created:
+                log.info("kubelet.sock created: registering with the kubelet")
+            for name in list(self.plugins):
+                self.feed(name, registration.KubeletAppeared(kubelet))
+        elif kubelet is None and kubelet_removed:
+            log.info("kubelet.sock removed: the kubelet is stopping or restarting")
+            for name in list(self.plugins):
+                self.feed(name, registration.KubeletGone())
 
-    def _reregister(self, plugin: ResourcePlugin) -> None:
-        plugin.backoff = _FIRST_RETRY
-        self._register_if_kubelet(plugin)
+    def _verify_sockets(self) -> None:
+        for plugin in list(self.plugins.values()):
+            endpoint = plugin.endpoint()
+            if endpoint is not None and not endpoint.alive():
+                self.feed(plugin.name, registration.SocketGone(endpoint.seq))
 
     def verify(self) -> List[str]:
-        """Re-register what is not registered with the kubelet serving now; return those names.
-
-        Idempotent: when every socket is ours and registered with the current
-        kubelet.sock, nothing happens (this is what the systemd path unit asks for).
-        """
-        kubelet = socket_identity(self.kubelet_socket)
+        """SIGUSR1: register again whatever is not registered with the kubelet there now; return those."""
+        self._check_directory()
+        self._verify_sockets()
         redone = []
-        for plugin in self.plugins.values():
-            if self._current(plugin, kubelet):
-                continue
-            redone.append(plugin.name)
-            self._reregister(plugin)
+        for name in list(self.plugins):
+            plugin = self.plugins[name]
+            before = (plugin.reg.attempt, plugin.reg.state)
+            self.feed(name, registration.Verify())
+            if (plugin.reg.attempt, plugin.reg.state) != before:
+                redone.append(name)
         if redone:
             log.info("re-registering %s", ", ".join(redone))
         else:
-            log.info("every resource is registered with the current kubelet; nothing to do")
+            log.info("every resource is registered with the current kubelet, or waiting for one; nothing to do")
         return redone
 
-    # --- readiness --------------------------------------------------------------
+    # --- the directory ------------------------------------------------------------------------------
 
-    def kubelet_present(self) -> bool:
-        return socket_identity(self.kubelet_socket) is not None
+    def _check_directory(self, initial: bool = False) -> bool:
+        """Is our directory still there?  Handle a loss or a return; True when either happened.
+
+        One WARNING per event: the loss (or, at start, the problem); a return is INFO.
+        """
+        changed = False
+        try:
+            if self.dir.fd is not None:
+                lost = self.dir.check()
+                if not lost:
+                    self._watch_parent()
+                    return False
+                log.warning("socket directory: %s; our sockets in it were removed", lost)
+                self._abandon_directory()
+                self._set_problem(lost)
+                changed = True
+            problem = self.dir.open()
+        except RestartNeeded as exc:
+            self.fatal(str(exc))
+            return True
+        self._watch_parent()
+        if problem:
+            if problem != self.directory_problem:
+                if changed:
+                    log.info("socket directory: %s; waiting for a directory there", problem)
+                else:
+                    log.warning("socket directory: %s; waiting for a directory there (nothing is served "
+                                "until then)", problem)
+                self._set_problem(problem)
+                changed = True
+            return changed
+        self._watch_dir()
+        self._remove_stale_sockets()
+        if self.directory_problem:
+            log.info("socket directory %s is usable: serving and registering", self.kubelet_dir)
+        self.directory_problem = ""
+        if not initial:
+            for name in list(self.plugins):
+                self.feed(name, registration.DirectoryBack())
+        return True
+
+    def _set_problem(self, problem: str) -> None:
+        self.directory_problem = problem
+        for name in list(self.plugins):
+            self.feed(name, registration.DirectoryLost(f"socket directory: {problem}"))
+
+    def _abandon_directory(self) -> None:
+        """Our directory was moved or replaced: take our sockets out of it and let it go."""
+        for plugin in self.plugins.values():
+            for endpoint in plugin.endpoints.values():
+                self.dir.remove_socket(endpoint.name, endpoint.inode)
+        if self._wd_dir >= 0:
+            wd, self._wd_dir = self._wd_dir, -1
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(wd)
+        self.dir.close()
+
+    def _watch_dir(self) -> None:
+        mask = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_DELETE_SELF
+                | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
+        try:
+            self._wd_dir = self.inotify.add_watch(self.dir.watch_path(), mask)
+        except OSError as exc:
+            log.error("cannot watch %s: %s; kubelet restarts are seen only through SIGUSR1", self.kubelet_dir,
+                      exc.strerror)
+            self._wd_dir = -1
+
+    def _watch_parent(self) -> None:
+        """Watch the directory's parent (or, while that is missing, its nearest existing ancestor)."""
+        parent = os.path.dirname(self.kubelet_dir)
+        while parent != "/" and not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        if parent == self._parent_watched and self._wd_parent >= 0:
+            return
+        if self._wd_parent >= 0:
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(self._wd_parent)
+            self._wd_parent = -1
+        mask = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_DELETE_SELF
+                | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
+        try:
+            self._wd_parent = self.inotify.add_watch(parent, mask)
+            self._parent_watched = parent
+        except OSError as exc:
+            log.warning("cannot watch %s: %s", parent, exc.strerror)
+            self._parent_watched = ""
+
+    def _remove_stale_sockets(self) -> None:
+        """Sockets of ours that no live process serves (left by a crash or kill -9)."""
+        ours = {ep.name for p in self.plugins.values() for ep in p.endpoints.values()}
+        for name in self.dir.names():
+            if not name.startswith(SOCKET_PREFIX) or name in ours:
+                continue
+            st = self.dir.lstat(name)
+            if st is None or not stat.S_ISSOCK(st.st_mode) or self.dir.answers(name):
+                continue  # not a socket, or another running instance serves it
+            if self.dir.remove_socket(name, st.st_ino):
+                log.info("removed stale socket %s", name)
+
+    # --- readiness and status -------------------------------------------------------------------------
 
     def settled(self) -> bool:
-        """Every resource serves and, when a kubelet is there, it accepted every registration."""
-        if not all(p.endpoint is not None for p in self.plugins.values()):
+        """Every resource is registered with a live stream, or (no kubelet) served and waiting."""
+        if self.directory_problem:
             return False
         if not self.kubelet_present():
-            return True
-        return all(p.registered for p in self.plugins.values())
+            return all(p.endpoints for p in self.plugins.values())
+        return all(p.reg.registered for p in self.plugins.values())
+
+    def errors(self) -> List[str]:
+        return sorted({f"{p.name}: {p.reg.reason}" for p in self.plugins.values()
+                       if not p.reg.registered and p.reg.reason})
 
     def summary(self) -> str:
         total = len(self.plugins)
-        registered = sum(1 for p in self.plugins.values() if p.registered)
-        if not self.kubelet_present():
-            return f"serving {total} resource(s); waiting for the kubelet ({self.kubelet_socket})"
-        return f"{registered}/{total} resource(s) registered with the kubelet"
+        if self.directory_problem:
+            return f"serving nothing: socket directory: {self.directory_problem}"
+        registered = sum(1 for p in self.plugins.values() if p.reg.registered)
+        if not self.kubelet_present() and registered == 0:
+            where = os.path.join(self.kubelet_dir, KUBELET_SOCKET)
+            return f"serving {total} resource(s); waiting for the kubelet ({where})"
+        text = f"{registered}/{total} resource(s) registered with the kubelet (stream connected)"
+        waiting = [p for p in self.plugins.values() if not p.reg.registered]
+        if waiting:
+            text += "; " + "; ".join(f"{p.name}: {p.reg.state.value}" for p in waiting[:3])
+            if len(waiting) > 3:
+                text += f"; and {len(waiting) - 3} more"
+        return text
+
+    async def probe(self, timeout: float = 2.0) -> Optional[str]:
+        """Call one of our own sockets as the kubelet would; None when it answered, else why not."""
+        endpoint = next((ep for p in self.plugins.values() for ep in p.endpoints.values()
+                         if not ep.stopped and not ep.servicer.closing), None)
+        if endpoint is None:
+            return None
+        channel = grpc.aio.insecure_channel("unix:" + endpoint.bind_path)
+        try:
+            await api.Stub(channel, (api.GET_DEVICE_PLUGIN_OPTIONS,)).GetDevicePluginOptions(api.Empty(),
+                                                                                             timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if endpoint.stopped:
+                return None  # retired meanwhile
+            return f"{endpoint.name}: {exc.code().name}: {exc.details()}"
+        finally:
+            await channel.close()
+        return None

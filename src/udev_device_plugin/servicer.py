@@ -1,17 +1,26 @@
-"""The DevicePlugin RPC handlers for one resource, and our own Status service.
+"""The DevicePlugin RPC handlers for one resource, and our own Status service (grpc.aio).
 
-Nothing here knows about sockets, registration or udev: the servicer reads the
-resource's current devices from a :class:`ResourceState`, which the daemon
-updates after every scan.
+Nothing here knows about registration or udev: the handlers read the resource's current
+devices from a :class:`ResourceState`, which the daemon updates after every scan, and
+report the streams they serve through :class:`StreamHooks`.  Everything runs on the
+daemon's one event loop, so there are no locks and no thread per stream: a stream the
+kubelet holds open costs a suspended coroutine, never a worker a unary call would need.
+
+Bounds: at most ``MAX_STREAMS`` ListAndWatch streams per socket (the kubelet opens one; a
+local client opening hundreds gets RESOURCE_EXHAUSTED); requests are limited by grpc's
+receive limit; IDs in errors and logs are quoted truncated; prestart commands run through
+the bounded runner (commands.py), at most ``MAX_PRESTARTS`` at once per daemon.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
-import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import grpc
 
@@ -21,40 +30,102 @@ from .model import Device
 
 log = logging.getLogger(__name__)
 
+MAX_STREAMS = 8
+MAX_PRESTARTS = 16
+# Serialized replies kept per resource (invalidated whenever the devices change).
+REPLY_CACHE = 256
+# Requests larger than this are answered but not cached.
+_CACHE_REQUEST_MAX = 16 * 1024
+
+_stream_ids = itertools.count(1)
+
+
+class _Reply(NamedTuple):
+    payload: bytes
+    ids: Tuple[str, ...]
+
 
 class ResourceState:
-    """The current devices of one resource, shared between the daemon and the RPC threads."""
+    """The current devices of one resource, read by every socket that serves it."""
 
     def __init__(self, config: ResourceConfig) -> None:
         self.config = config
-        self.cond = threading.Condition()
         self._devices: Mapping[str, Device] = {}
         self._version = 0
         self._allocated: Dict[str, float] = {}
+        self._subscribers: Set[asyncio.Event] = set()
+        self._list_payload: Optional[bytes] = None
+        self._options_payload = options_for(config).SerializeToString()
+        self._replies: OrderedDict[Tuple[str, bytes], _Reply] = OrderedDict()
+
+    def reconfigure(self, config: ResourceConfig) -> None:
+        """A reload changed how devices are selected or handed out, not the options: same sockets."""
+        self.config = config
+        self._options_payload = options_for(config).SerializeToString()
+        self._replies.clear()
 
     def publish(self, devices: Mapping[str, Device]) -> bool:
         """Make ``devices`` current; wake the ListAndWatch streams when the list changed."""
-        with self.cond:
-            if dict(devices) == dict(self._devices):
-                return False
-            self._devices = devices
-            self._version += 1
-            self.cond.notify_all()
-            return True
+        if dict(devices) == dict(self._devices):
+            return False
+        self._devices = devices
+        self._version += 1
+        self._list_payload = None
+        self._replies.clear()
+        for event in self._subscribers:
+            event.set()
+        return True
 
     def current(self) -> Tuple[int, Mapping[str, Device]]:
-        with self.cond:
-            return self._version, self._devices
+        return self._version, self._devices
+
+    def list_payload(self) -> Tuple[int, bytes]:
+        """The serialized ListAndWatchResponse of the current version, built once for every stream."""
+        if self._list_payload is None:
+            self._list_payload = api.ListAndWatchResponse(
+                devices=[device_message(d) for d in self._devices.values()]).SerializeToString()
+        return self._version, self._list_payload
+
+    def subscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.add(event)
+
+    def unsubscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.discard(event)
+
+    @property
+    def options_payload(self) -> bytes:
+        return self._options_payload
+
+    def cached(self, method: str, request: bytes) -> Optional[_Reply]:
+        reply = self._replies.get((method, request))
+        if reply is not None:
+            self._replies.move_to_end((method, request))
+        return reply
+
+    def cache(self, method: str, request: bytes, reply: _Reply) -> None:
+        if len(request) > _CACHE_REQUEST_MAX:
+            return
+        self._replies[(method, request)] = reply
+        while len(self._replies) > REPLY_CACHE:
+            self._replies.popitem(last=False)
 
     def mark_allocated(self, ids: Tuple[str, ...]) -> None:
         now = time.time()
-        with self.cond:
-            for i in ids:
-                self._allocated[i] = now
+        for i in ids:
+            self._allocated[i] = now
 
     def allocated_at(self, device_id: str) -> float:
-        with self.cond:
-            return self._allocated.get(device_id, 0.0)
+        return self._allocated.get(device_id, 0.0)
+
+    def forget(self, device_id: str) -> None:
+        self._allocated.pop(device_id, None)
+
+
+def quote_id(device_id: str, limit: int = 128) -> str:
+    """An ID for an error message or a log line: quoted, and cut short if a request sent a huge one."""
+    if len(device_id) <= limit:
+        return repr(device_id)
+    return f"{device_id[:limit]!r}... ({len(device_id)} characters)"
 
 
 def options_for(config: ResourceConfig) -> Any:
@@ -73,117 +144,176 @@ _CODES = {"unknown": grpc.StatusCode.INVALID_ARGUMENT, "unhealthy": grpc.StatusC
           "conflict": grpc.StatusCode.FAILED_PRECONDITION}
 
 
+class StreamHooks(NamedTuple):
+    opened: Callable[[int], None]
+    ended: Callable[[int, bool, str], None]  # stream, by_us, why
+
+
+class PrestartLimit:
+    """How many prestart commands may run at once, for the whole daemon."""
+
+    def __init__(self, limit: int = MAX_PRESTARTS) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+
+
 class DevicePluginServicer:
-    """Serves one resource on one socket; :meth:`close` ends its streams."""
+    """Serves one resource on one socket; :meth:`end_streams` ends its streams (by us)."""
 
-    def __init__(self, state: ResourceState) -> None:
+    def __init__(self, state: ResourceState, hooks: StreamHooks, runner: commands.Runner,
+                 prestarts: PrestartLimit) -> None:
         self.state = state
-        self._closed = False
-
-    def close(self) -> None:
-        with self.state.cond:
-            self._closed = True
-            self.state.cond.notify_all()
+        self.hooks = hooks
+        self.runner = runner
+        self.prestarts = prestarts
+        self.closing = False
+        self._streams: Dict[int, asyncio.Event] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         return api.service_handler(api.DEVICE_PLUGIN, {
-            m.name: api.method_handler(m, getattr(self, m.name))
-            for m in (api.GET_DEVICE_PLUGIN_OPTIONS, api.LIST_AND_WATCH, api.GET_PREFERRED_ALLOCATION,
-                      api.ALLOCATE, api.PRE_START_CONTAINER)})
+            "GetDevicePluginOptions": api.method_handler(api.GET_DEVICE_PLUGIN_OPTIONS, self.GetDevicePluginOptions,
+                                                         raw_request=True, raw_response=True),
+            "ListAndWatch": api.method_handler(api.LIST_AND_WATCH, self.ListAndWatch, raw_request=True,
+                                               raw_response=True),
+            "GetPreferredAllocation": api.method_handler(api.GET_PREFERRED_ALLOCATION, self.GetPreferredAllocation,
+                                                         raw_request=True, raw_response=True),
+            "Allocate": api.method_handler(api.ALLOCATE, self.Allocate, raw_request=True, raw_response=True),
+            "PreStartContainer": api.method_handler(api.PRE_START_CONTAINER, self.PreStartContainer),
+        })
 
-    def GetDevicePluginOptions(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return options_for(self.state.config)
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
 
-    def ListAndWatch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        cond = self.state.cond
+    def end_streams(self) -> None:
+        """End every stream of this socket, now and from now on (the socket is being retired or drained)."""
+        self.closing = True
+        for event in self._streams.values():
+            event.set()
 
-        def wake() -> None:
-            with cond:
-                cond.notify_all()
+    # --- the RPCs --------------------------------------------------------------------------------
 
-        # Called when the kubelet goes away or the server stops: end the stream at once.
-        context.add_callback(wake)
-        sent = [-1]  # the version last sent
+    async def GetDevicePluginOptions(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self.state.options_payload
+
+    async def ListAndWatch(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
         name = self.state.config.name
-        log.debug("%s: ListAndWatch opened", name)
+        if self.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{name}: this socket is being retired")
+        if len(self._streams) >= MAX_STREAMS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{name}: {MAX_STREAMS} ListAndWatch streams are open on this socket already")
+        stream = next(_stream_ids)
+        wake = asyncio.Event()
+        self._streams[stream] = wake
+        self.state.subscribe(wake)
+        why = ""
+        self.hooks.opened(stream)
+        log.debug("%s: ListAndWatch stream %d opened", name, stream)
+        try:
+            sent = -1
+            while not self.closing:
+                version, payload = self.state.list_payload()
+                if version != sent:
+                    sent = version
+                    yield payload
+                    continue  # the list may have changed while the message went out
+                await wake.wait()
+                wake.clear()
+        except asyncio.CancelledError:
+            why = "the client cancelled it or its connection was lost"
+            raise
+        finally:
+            self.state.unsubscribe(wake)
+            self._streams.pop(stream, None)
+            log.debug("%s: ListAndWatch stream %d ended (%s)", name, stream, "by us" if self.closing else why)
+            self.hooks.ended(stream, self.closing, why)
 
-        def due() -> bool:
-            return self._closed or not context.is_active() or self.state.current()[0] != sent[0]
-
-        while True:
-            with cond:
-                cond.wait_for(due)
-                if self._closed or not context.is_active():
-                    log.debug("%s: ListAndWatch closed", name)
-                    return
-                sent[0], devices = self.state.current()
-            yield api.ListAndWatchResponse(devices=[device_message(d) for d in devices.values()])
-
-    def GetPreferredAllocation(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def GetPreferredAllocation(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        reply = self.state.cached("preferred", request)
+        if reply is not None:
+            return reply.payload
+        try:
+            parsed = api.PreferredAllocationRequest.FromString(request)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between backends
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{self.state.config.name}: GetPreferredAllocation request does not parse")
         _, devices = self.state.current()
         response = api.PreferredAllocationResponse()
-        for creq in request.container_requests:
+        for creq in parsed.container_requests:
             chosen = allocation.preferred(devices, list(creq.available_deviceIDs), list(creq.must_include_deviceIDs),
                                           creq.allocation_size)
             response.container_responses.add(deviceIDs=chosen)
-        return response
+        payload = response.SerializeToString()
+        self.state.cache("preferred", request, _Reply(payload, ()))
+        return payload
 
-    def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
-        config = self.state.config
-        _, devices = self.state.current()
-        if not request.container_requests:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{config.name}: Allocate without container requests")
-        response = api.AllocateResponse()
-        granted = []
-        for creq in request.container_requests:
+    async def Allocate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        reply = self.state.cached("allocate", request)
+        if reply is None:
+            config = self.state.config
             try:
-                alloc = allocation.allocate(config, devices, list(creq.devices_ids))
-            except allocation.AllocationError as exc:
-                log.warning("Allocate refused: %s", exc)
-                context.abort(_CODES[exc.kind], str(exc))
-            out = response.container_responses.add()
-            for node in alloc.devices:
-                out.devices.add(container_path=node.container_path, host_path=node.host_path,
-                                permissions=node.permissions)
-            for m in alloc.mounts:
-                out.mounts.add(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
-            out.envs.update(dict(alloc.envs))
-            out.annotations.update(dict(alloc.annotations))
-            granted.extend(creq.devices_ids)
-        self.state.mark_allocated(tuple(granted))
-        # Not INFO: the kubelet logs every allocation itself, and this is the hot path.
-        log.debug("%s: allocated %s", config.name, ", ".join(granted))
-        return response
+                parsed = api.AllocateRequest.FromString(request)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between backends
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{config.name}: Allocate request does not parse")
+            if not parsed.container_requests:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{config.name}: Allocate without container requests")
+            _, devices = self.state.current()
+            response = api.AllocateResponse()
+            granted: List[str] = []
+            for creq in parsed.container_requests:
+                try:
+                    alloc = allocation.allocate(config, devices, list(creq.devices_ids))
+                except allocation.AllocationError as exc:
+                    log.warning("Allocate refused: %s", exc)
+                    await context.abort(_CODES[exc.kind], str(exc))
+                out = response.container_responses.add()
+                for node in alloc.devices:
+                    out.devices.add(container_path=node.container_path, host_path=node.host_path,
+                                    permissions=node.permissions)
+                for m in alloc.mounts:
+                    out.mounts.add(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+                out.envs.update(dict(alloc.envs))
+                out.annotations.update(dict(alloc.annotations))
+                granted.extend(creq.devices_ids)
+            reply = _Reply(response.SerializeToString(), tuple(granted))
+            self.state.cache("allocate", request, reply)
+            # Not INFO: the kubelet logs every allocation itself, and this is the hot path.
+            log.debug("%s: allocated %s", config.name, ", ".join(map(quote_id, granted)))
+        self.state.mark_allocated(reply.ids)
+        return reply.payload
 
-    def PreStartContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def PreStartContainer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         config = self.state.config
         ids = list(request.devices_ids)
         _, devices = self.state.current()
         unknown = [i for i in ids if i not in devices]
         if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{config.name}: unknown device ID(s) {', '.join(map(repr, unknown))}")
+            message = f"{config.name}: PreStartContainer for unknown device ID(s) {', '.join(map(quote_id, unknown))}"
+            log.warning("%s", message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         if not config.prestart_command:
             return api.PreStartContainerResponse()
         nodes = [n for i in ids for n in devices[i].devnodes]
-        result = commands.run(tuple(config.prestart_command) + tuple(ids), {
-            "UDP_RESOURCE": config.name,
-            "UDP_DEVICE_IDS": ",".join(ids),
-            "UDP_DEVNODES": ",".join(nodes),
-        }, config.prestart_timeout)
+        async with self.prestarts.semaphore:
+            result = await self.runner.run(tuple(config.prestart_command) + tuple(ids), {
+                "UDP_RESOURCE": config.name,
+                "UDP_DEVICE_IDS": ",".join(ids),
+                "UDP_DEVNODES": ",".join(nodes),
+            }, config.prestart_timeout)
         if not result.ok:
             message = f"{config.name}: prestart_command for {', '.join(ids)}: {result.detail}"
             log.warning("%s", message)
             code = grpc.StatusCode.DEADLINE_EXCEEDED if result.timed_out else grpc.StatusCode.INTERNAL
-            context.abort(code, message)
+            await context.abort(code, message)
         log.info("%s: prestart_command succeeded for %s", config.name, ", ".join(ids))
         return api.PreStartContainerResponse()
 
 
 class StatusServicer:
-    """Answers ``inspect``: is this socket registered with the kubelet, and what does it serve."""
+    """Answers ``inspect``: the resource's registration as the daemon knows it, and its devices."""
 
-    def __init__(self, state: ResourceState, registration: Callable[[], Tuple[bool, str, int]], version: str) -> None:
+    def __init__(self, state: ResourceState, registration: Callable[[], Dict[str, Any]], version: str) -> None:
         self.state = state
         self.registration = registration
         self.version = version
@@ -191,12 +321,11 @@ class StatusServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         return api.service_handler(api.STATUS, {"GetStatus": api.method_handler(api.GET_STATUS, self.GetStatus)})
 
-    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        registered, last_error, count = self.registration()
+    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reg = self.registration()
         _, devices = self.state.current()
         return api.StatusResponse(
-            resource_name=self.state.config.name, registered=registered, last_error=last_error,
-            registrations=count, pid=os.getpid(), version=self.version,
+            resource_name=self.state.config.name, pid=os.getpid(), version=self.version,
             devices=[api.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
-                                             numa_nodes=d.numa_nodes, syspath=d.sys_path)
-                     for d in devices.values()])
+                                      numa_nodes=d.numa_nodes, syspath=d.sys_path)
+                     for d in devices.values()], **reg)

@@ -107,23 +107,34 @@ def test_sighup_reload(kubelet, start_daemon, kubelet_dir):
     assert kubelet.connected(MEM) and kubelet.connected(ZERO) and not kubelet.connected(LOOP)
     assert kubelet.allocate(ZERO, ["zero"]).container_responses[0].devices[0].host_path == "/dev/zero"
 
-    # A drop-in brings loop back; a changed resource is served and registered again, on a fresh socket.
+    # A drop-in brings loop back.  A resource whose selection or templates changed keeps its socket and
+    # its registration (the kubelet reads those through ListAndWatch and Allocate): a needless
+    # re-registration is what kubelets 1.25-1.35 turn into a lost stream (kubernetes#121994).
     conf_d = os.path.join(os.path.dirname(daemon.cmd[daemon.cmd.index("--config") + 1]), "conf.d")
     os.mkdir(conf_d)
     with open(os.path.join(conf_d, "50-loop.conf"), "w") as f:
         f.write(LOOP_CONF)
     rewrite_config(daemon, MEM_CONF + "permissions = r\n" + ZERO_CONF)
     os.kill(daemon.pid, signal.SIGHUP)
-    kubelet.wait_live(MEM, count=2, devices=3)
     kubelet.wait_live(LOOP, count=2, devices=8)
     wait_log(daemon, "configuration reloaded: 3 resource(s)")
-    assert kubelet.endpoints(MEM)[-1] != mem_endpoint
+    wait_log(daemon, f"{MEM}: configuration changed; devices rescanned, registration kept")
+    assert kubelet.endpoints(MEM) == [mem_endpoint] and kubelet.connected(MEM)
     assert len(kubelet.endpoints(ZERO)) == 1
     assert kubelet.allocate(MEM, ["null"]).container_responses[0].devices[0].permissions == "r"
+    assert len(kubelet.requests) == 4
+
+    # What the kubelet reads at registration (pre_start_required) changed: registered again, on a fresh socket.
+    rewrite_config(daemon, MEM_CONF + "permissions = r\nprestart_command = /bin/true\n" + ZERO_CONF)
+    os.kill(daemon.pid, signal.SIGHUP)
+    kubelet.wait_live(MEM, count=2, devices=3)
+    assert kubelet.endpoints(MEM)[-1] != mem_endpoint
+    assert kubelet.client(MEM).options.pre_start_required
+    assert len(kubelet.requests) == 5
 
     # The same config again: nothing re-registers.
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_log(daemon, "configuration reloaded: 3 resource(s)", count=2)
+    wait_log(daemon, "configuration reloaded: 3 resource(s)", count=3)
     assert len(kubelet.requests) == 5
     assert len(our_sockets(kubelet_dir)) == 3
 
@@ -196,9 +207,18 @@ _PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.rename": 2, "o
                 "os.chown": 1, "os.truncate": 1, "os.utime": 1, "os.mkfifo": 1, "os.mknod": 1, "shutil.rmtree": 1}
 
 
-def _note(event, path):
+# Where the call takes a directory descriptor, the position of its argument (per path argument).
+_DIR_FD = {"os.remove": (1,), "os.rmdir": (1,), "os.mkdir": (2,), "os.chmod": (2,), "os.rename": (2, 3),
+           "os.chown": (3,), "os.mknod": (3,), "os.mkfifo": (2,), "os.utime": (3,)}
+
+
+def _note(event, path, dir_fd=None):
     if isinstance(path, (str, bytes, os.PathLike)):
-        _log.write(f"{event} {os.path.abspath(os.fsdecode(path))}\\n")
+        path = os.fsdecode(path)
+        if isinstance(dir_fd, int) and dir_fd >= 0 and not os.path.isabs(path):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        # realpath: /proc/self/fd/N/name names a file in the directory N is open on.
+        _log.write(f"{event} {os.path.realpath(path)}\\n")
 
 
 def _hook(event, args):
@@ -208,8 +228,9 @@ def _hook(event, args):
             if not isinstance(path, int) and flags is not None and flags & _WRITE:
                 _note("open", path)
         elif event in _PATH_EVENTS:
-            for path in args[:_PATH_EVENTS[event]]:
-                _note(event, path)
+            fds = _DIR_FD.get(event, ())
+            for i, path in enumerate(args[:_PATH_EVENTS[event]]):
+                _note(event, path, args[fds[i]] if i < len(fds) and fds[i] < len(args) else None)
         elif event == "os.symlink":
             _note(event, args[1])
         elif event == "socket.bind" and isinstance(args[1], (str, bytes)) and args[1][:1] not in ("\\0", b"\\0"):
@@ -267,7 +288,8 @@ def test_kubelet_dir_removed_and_recreated(kubelet, start_daemon, kubelet_dir):
     # The daemon answers its socket's deletion with a new socket, which can land in the directory
     # while rmtree empties it (rmdir then fails ENOTEMPTY): remove until the directory is gone.
     wait_until(lambda: _removed(kubelet_dir), what=f"{kubelet_dir} removed")
-    wait_log(daemon, "recreating it and serving again")
+    wait_log(daemon, "was removed")
+    wait_log(daemon, "is usable: serving and registering")
     wait_until(lambda: os.path.isdir(kubelet_dir) and our_sockets(kubelet_dir), what="a socket in the new directory")
     kubelet.start()
     kubelet.wait_live(MEM, count=2, devices=3)

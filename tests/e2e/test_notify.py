@@ -32,7 +32,7 @@ def test_ready_after_registration_watchdog_reload_stopping(kubelet, start_daemon
     [ready] = with_line(notifications.records, "READY=1")
     # READY=1 only once the kubelet had accepted the registration, with a one-line summary.
     assert kubelet.registrations[0]["time"] <= ready.time
-    assert "STATUS=1/1 resource(s) registered with the kubelet; 3 device(s)" in ready.text.splitlines()
+    assert "STATUS=1/1 resource(s) registered with the kubelet (stream connected); 3 device(s)" in ready.text.splitlines()
 
     # WATCHDOG=1 keeps coming, every WATCHDOG_USEC/2: never early, never late enough for systemd to act.
     wait_until(lambda: len(with_line(notifications.records, "WATCHDOG=1")) >= 5, 10, "five WATCHDOG=1")
@@ -52,7 +52,7 @@ def test_ready_after_registration_watchdog_reload_stopping(kubelet, start_daemon
     [reloading] = with_line(reload, "RELOADING=1")
     assert any(line.startswith("MONOTONIC_USEC=") for line in reloading.text.splitlines())
     assert reload.index(reloading) < reload.index(with_line(reload, "READY=1")[0])
-    wait_until(lambda: "2/2 resource(s) registered with the kubelet; 11 device(s)"
+    wait_until(lambda: "2/2 resource(s) registered with the kubelet (stream connected); 11 device(s)"
                in status_lines(notifications.records), what="STATUS= with both resources")
 
     assert daemon.stop() == 0
@@ -73,7 +73,7 @@ def test_ready_without_kubelet_says_it_waits(kubelet_dir, start_daemon, notifica
     kubelet = RecordingKubelet(kubelet_dir).start()
     try:
         kubelet.wait_live(MEM, devices=3)
-        wait_until(lambda: "1/1 resource(s) registered with the kubelet; 3 device(s)"
+        wait_until(lambda: "1/1 resource(s) registered with the kubelet (stream connected); 3 device(s)"
                    in status_lines(notifications.records), what="STATUS= once registered")
         # Registered later: a new STATUS=, not a second READY=1; no watchdog without WATCHDOG_USEC.
         assert len(with_line(notifications.records, "READY=1")) == 1

@@ -85,7 +85,7 @@ def test_overflow_rescans_every_resource(kubelet, kubelet_dir, config_path, monk
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread below
             outcome.append(exc)
         finally:
-            d.post(lambda: setattr(d, "_stop", True))
+            d.request_stop()
 
     steps = threading.Thread(target=driver, name="test-driver")
     steps.start()

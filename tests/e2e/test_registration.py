@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import re
 
@@ -87,13 +88,16 @@ def test_kubelet_absent_at_start_then_appears(kubelet_dir, start_daemon):
     assert "waiting for the kubelet" in daemon.log()
     [name] = our_sockets(kubelet_dir)
 
-    # inspect sees a daemon that serves but is not registered, and why.  Waiting is not polling:
-    # the main thread sleeps through the whole inspect run (RPCs are answered by gRPC threads).  It
-    # may wake only for udev events (a udevd another test runs on this machine), which it logs.
+    # Waiting is not polling: over a second of nothing happening the main thread (which runs the
+    # event loop and the gRPC servers) sleeps.  It may wake only for udev events (a udevd another
+    # test runs on this machine), which it logs.  The second is a measuring window, not a wait.
     before, events = main_thread_switches(daemon.pid), daemon.log().count(" DEBUG udev ")
-    report = cli("inspect", "--kubelet-dir", kubelet_dir, "--json")
+    time.sleep(1.0)
     events = daemon.log().count(" DEBUG udev ") - events
     assert main_thread_switches(daemon.pid) - before <= 2 * events
+
+    # inspect sees a daemon that serves but is not registered, and why.
+    report = cli("inspect", "--kubelet-dir", kubelet_dir, "--json")
     assert report.returncode == 0, report.stderr
     [res] = json.loads(report.stdout)["resources"]
     assert res["registered"] is False

@@ -1,0 +1,422 @@
+"""The registration of one resource with the kubelet, as a state machine.
+
+Pure: no sockets, no gRPC, no clock of its own.  :func:`step` takes the resource's
+:class:`Registration`, one input event and what is true now (:class:`Env`), updates the
+registration and returns the actions the driver (kubelet.py) carries out.  Every question
+"what happens when ..." has its answer in one branch of :func:`step`.
+
+What the kubelet does that shapes it (KUBELET.md):
+
+- Only a ListAndWatch stream opened on the socket we registered proves the kubelet has us.
+  Old kubelets (1.20) answer Register before they dial and only log a failed dial; when a
+  stream ends the kubelet never reconnects.  So a resource is REGISTERED only while that
+  stream lives; CONNECTING waits for it (bounded by ``stream_timeout``), and a stream the
+  kubelet ends sends us back to register again, on a fresh socket, with backoff.
+- Every Register names a socket file no kubelet has seen (new kubelets refuse a path they
+  hold; old ones break), so a registration that was offered is never offered again.
+- Kubelets 1.25 to 1.35 key their clients by resource name, and when an old client's
+  stream ends its cleanup disconnects whichever client holds the name *now*
+  (kubernetes#121994).  So a re-registration while a stream is live first ends that stream
+  and waits until the kubelet has closed the old connection (DRAINING, bounded by
+  ``drain_timeout``); only then does the new Register go out.  Needless re-registrations
+  are avoided altogether: the kubelet is identified by kubelet.sock's inode and the create
+  events seen, which a chmod does not change.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple, Union
+
+FIRST_RETRY = 0.02
+# A kubelet that dials within its own 10 s timeout opens the stream well within this.
+STREAM_TIMEOUT = 15.0
+# How long to wait for the kubelet to close an ended stream's connection before registering
+# anyway (the kubelet closes it within milliseconds; a local client may hold it longer).
+DRAIN_TIMEOUT = 1.0
+# A stream that lived this long was a success: the next failure starts the backoff afresh.
+STABLE_AFTER = 30.0
+
+# st_dev, st_ino of kubelet.sock and how many times we saw it created: a chmod moves none.
+KubeletId = Tuple[int, int, int]
+
+
+class State(enum.Enum):
+    WAITING = "waiting for the kubelet"
+    REGISTERING = "registering"
+    CONNECTING = "registered, waiting for the kubelet's ListAndWatch stream"
+    REGISTERED = "registered"
+    DRAINING = "ending the old stream before registering again"
+    BACKOFF = "not registered, retrying"
+
+
+@dataclass
+class Registration:
+    resource: str
+    state: State = State.WAITING
+    endpoint: int = 0  # the sequence number of the socket we serve now; 0: none
+    offered: bool = False  # that socket was named in a Register already
+    kubelet: Optional[KubeletId] = None  # the kubelet the registration is for
+    attempt: int = 0  # answers to older attempts are ignored
+    stream: Optional[int] = None  # the kubelet's ListAndWatch stream on ``endpoint``
+    early_stream: Optional[int] = None  # a stream opened before Register was answered
+    since: float = 0.0  # when ``state`` was entered
+    stream_since: Optional[float] = None
+    deadline: Optional[float] = None  # when Tick is due (retry, stream wait, drain)
+    backoff: float = FIRST_RETRY
+    reason: str = "starting"  # why it is not registered (empty when it is)
+    registrations: int = 0  # Register calls the kubelet accepted
+    streams_lost: int = 0  # streams the kubelet ended
+    draining: int = 0  # the endpoint whose stream is being ended
+
+    @property
+    def registered(self) -> bool:
+        return self.state is State.REGISTERED
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    """The resource is to be served (daemon start, or added by a reload)."""
+
+
+@dataclass(frozen=True)
+class KubeletAppeared:
+    """kubelet.sock exists with this identity (created, or found)."""
+
+    kubelet: KubeletId
+
+
+@dataclass(frozen=True)
+class KubeletGone:
+    """kubelet.sock was removed."""
+
+
+@dataclass(frozen=True)
+class SocketGone:
+    """Our socket file of ``endpoint`` was removed (a kubelet restart's clean-up, or an admin)."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
+class DirectoryLost:
+    """The socket directory was removed, renamed or replaced; ``why`` says which."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class DirectoryBack:
+    """A real socket directory is at the configured path again."""
+
+
+@dataclass(frozen=True)
+class ServeFailed:
+    endpoint: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The kubelet answered Register ``attempt``."""
+
+    attempt: int
+    ok: bool
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    endpoint: int
+    stream: int
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    endpoint: int
+    stream: int
+    by_us: bool  # we ended it (retiring or draining the socket)
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The kubelet has closed every connection to the socket being drained."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """``deadline`` has passed."""
+
+
+@dataclass(frozen=True)
+class Verify:
+    """SIGUSR1 (the path unit): register again unless registered with the kubelet there now."""
+
+
+@dataclass(frozen=True)
+class Reregister:
+    """What the kubelet read at registration changed (the options): register again."""
+
+    why: str
+
+
+Event = Union[Start, KubeletAppeared, KubeletGone, SocketGone, DirectoryLost, DirectoryBack, ServeFailed,
+              Answered, StreamOpened, StreamEnded, Drained, Tick, Verify, Reregister]
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Serve:
+    """Serve the resource on a fresh socket numbered ``endpoint``."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Stop serving ``endpoint`` (its streams end) and remove its socket file."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
+class EndStreams:
+    """End the streams of ``endpoint`` but keep listening, to see the kubelet close its connection."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
+class Register:
+    endpoint: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    message: str
+
+
+Action = Union[Serve, Retire, EndStreams, Register, Log]
+
+
+@dataclass
+class Env:
+    """What is true outside the registration when an event is handled."""
+
+    now: float
+    kubelet: Optional[KubeletId]  # kubelet.sock now, None when absent
+    next_endpoint: Callable[[], int]  # fresh socket numbers, unique for the process
+    directory_problem: str = ""  # non-empty while the socket directory is unusable
+    backoff_max: float = 10.0
+    stream_timeout: float = STREAM_TIMEOUT
+    drain_timeout: float = DRAIN_TIMEOUT
+    actions: List[Action] = field(default_factory=list)
+
+
+def step(reg: Registration, event: Event, env: Env) -> List[Action]:
+    """Apply ``event`` to ``reg``; return what the driver must do, in order."""
+    env.actions = []
+    if isinstance(event, Start):
+        _register(reg, env, "starting")
+    elif isinstance(event, KubeletAppeared):
+        if reg.kubelet == event.kubelet and reg.state in _WITH_KUBELET:
+            pass  # this kubelet has us, or is about to: registering again would cut its stream
+        else:
+            reg.backoff = FIRST_RETRY
+            _register(reg, env, "kubelet.sock was created" if reg.kubelet else "kubelet.sock is there")
+    elif isinstance(event, KubeletGone):
+        if reg.state in (State.REGISTERING, State.CONNECTING, State.BACKOFF, State.WAITING):
+            reg.attempt += 1  # an answer still under way is for a kubelet that is gone
+            _enter(reg, env, State.WAITING, "kubelet.sock was removed; waiting for the kubelet")
+        # REGISTERED: the stream decides.  A kubelet that only recreates its socket keeps it.
+    elif isinstance(event, SocketGone):
+        if event.endpoint == reg.endpoint:
+            env.actions.append(Retire(reg.endpoint))
+            reg.endpoint, reg.offered = 0, False
+            reg.stream = reg.early_stream = None
+            reg.stream_since = None
+            if reg.state is State.REGISTERED:
+                _log(env, logging.INFO, f"{reg.resource}: our socket was removed (kubelet restart?); "
+                     "serving on a new one")
+            if reg.state is State.DRAINING:
+                _register_now(reg, env)  # nothing left to drain
+            else:
+                _register(reg, env, "our socket was removed")
+    elif isinstance(event, DirectoryLost):
+        if reg.endpoint:
+            env.actions.append(Retire(reg.endpoint))
+        reg.endpoint, reg.offered, reg.stream, reg.early_stream, reg.stream_since = 0, False, None, None, None
+        reg.attempt += 1
+        _enter(reg, env, State.WAITING, event.why)
+    elif isinstance(event, DirectoryBack):
+        reg.backoff = FIRST_RETRY
+        _register(reg, env, "the socket directory is back")
+    elif isinstance(event, ServeFailed):
+        if event.endpoint == reg.endpoint:
+            reg.endpoint, reg.offered = 0, False
+            _backoff(reg, env, f"cannot serve: {event.why}", logging.ERROR)
+    elif isinstance(event, Answered):
+        _answered(reg, event, env)
+    elif isinstance(event, StreamOpened):
+        if event.endpoint == reg.endpoint and reg.offered:
+            if reg.state is State.CONNECTING:
+                _connected(reg, env, event.stream)
+            elif reg.state is State.REGISTERING and reg.early_stream is None:
+                reg.early_stream = event.stream  # the kubelet dialled before its answer reached us
+        # Any other stream (a second client, or one on a socket not registered) proves nothing.
+    elif isinstance(event, StreamEnded):
+        _stream_ended(reg, event, env)
+    elif isinstance(event, Drained):
+        if reg.state is State.DRAINING and event.endpoint == reg.draining:
+            _register_now(reg, env)
+    elif isinstance(event, Tick):
+        _tick(reg, env)
+    elif isinstance(event, Verify):
+        if reg.state in _WITH_KUBELET and reg.kubelet == env.kubelet and env.kubelet is not None:
+            pass  # idempotent: registered (or registering) with the kubelet serving now
+        elif reg.state is State.WAITING and env.kubelet is None:
+            pass  # nothing to register with
+        else:
+            reg.backoff = FIRST_RETRY
+            _register(reg, env, "asked to check the registration (SIGUSR1)")
+    elif isinstance(event, Reregister):
+        if reg.state in (State.REGISTERING, State.CONNECTING, State.REGISTERED, State.DRAINING):
+            _register(reg, env, event.why)
+    else:  # pragma: no cover
+        raise TypeError(f"unknown event {event!r}")
+    return env.actions
+
+
+_WITH_KUBELET = (State.REGISTERING, State.CONNECTING, State.REGISTERED, State.DRAINING)
+
+
+def _enter(reg: Registration, env: Env, state: State, reason: str = "",
+           deadline: Optional[float] = None) -> None:
+    if reg.state is not state:
+        reg.since = env.now
+    reg.state = state
+    reg.reason = reason
+    reg.deadline = deadline
+
+
+def _log(env: Env, level: int, message: str) -> None:
+    env.actions.append(Log(level, message))
+
+
+def _register(reg: Registration, env: Env, why: str) -> None:
+    """Register with the kubelet there now, safely: serve first, drain a live stream first."""
+    if reg.state is State.DRAINING and not env.directory_problem:
+        return  # a Register follows the drain anyway, with the kubelet there then
+    if env.directory_problem:
+        if reg.endpoint:
+            env.actions.append(Retire(reg.endpoint))
+            reg.endpoint, reg.offered = 0, False
+        _enter(reg, env, State.WAITING, env.directory_problem)
+        return
+    if env.kubelet is None:
+        if not reg.endpoint:
+            _serve(reg, env)  # serve anyway: ready the moment the kubelet appears
+        reg.attempt += 1
+        reg.kubelet = None
+        _enter(reg, env, State.WAITING, "waiting for kubelet.sock")
+        return
+    if reg.stream is not None and reg.endpoint:
+        # kubernetes#121994: the old stream must be gone before the new Register.
+        reg.draining = reg.endpoint
+        env.actions.append(EndStreams(reg.endpoint))
+        _enter(reg, env, State.DRAINING, f"ending the old stream first ({why})", env.now + env.drain_timeout)
+        return
+    _register_now(reg, env)
+
+
+def _register_now(reg: Registration, env: Env) -> None:
+    if env.kubelet is None or env.directory_problem:
+        reg.stream = None
+        _register(reg, env, "")
+        return
+    if not reg.endpoint or reg.offered:
+        old = reg.endpoint
+        _serve(reg, env)
+        if old:
+            env.actions.append(Retire(old))
+    reg.stream = reg.early_stream = None
+    reg.stream_since = None
+    reg.offered = True
+    reg.attempt += 1
+    reg.kubelet = env.kubelet
+    env.actions.append(Register(reg.endpoint, reg.attempt))
+    _enter(reg, env, State.REGISTERING, "waiting for the kubelet to answer Register")
+
+
+def _serve(reg: Registration, env: Env) -> None:
+    reg.endpoint = env.next_endpoint()
+    reg.offered = False
+    env.actions.append(Serve(reg.endpoint))
+
+
+def _answered(reg: Registration, event: Answered, env: Env) -> None:
+    if event.attempt != reg.attempt or reg.state is not State.REGISTERING:
+        return  # an older attempt, superseded
+    if not event.ok:
+        _backoff(reg, env, f"Register failed: {event.why}", logging.WARNING)
+        return
+    reg.registrations += 1
+    if reg.early_stream is not None:
+        _connected(reg, env, reg.early_stream)
+        return
+    _enter(reg, env, State.CONNECTING, "the kubelet accepted Register but has not opened its stream yet",
+           env.now + env.stream_timeout)
+
+
+def _connected(reg: Registration, env: Env, stream: int) -> None:
+    reg.stream, reg.early_stream = stream, None
+    reg.stream_since = env.now
+    _enter(reg, env, State.REGISTERED)
+    _log(env, logging.INFO, f"{reg.resource}: registered with the kubelet; its ListAndWatch stream is connected")
+
+
+def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
+    if event.stream == reg.early_stream:
+        reg.early_stream = None
+        return
+    if event.stream != reg.stream or event.endpoint != reg.endpoint:
+        return
+    held = env.now - (reg.stream_since if reg.stream_since is not None else env.now)
+    reg.stream, reg.stream_since = None, None
+    if event.by_us:
+        return  # draining or retiring: whoever ended it goes on from there
+    reg.streams_lost += 1
+    if held >= STABLE_AFTER:
+        reg.backoff = FIRST_RETRY
+    why = f"the kubelet ended the ListAndWatch stream{': ' + event.why if event.why else ''}"
+    _backoff(reg, env, why, logging.WARNING, "registering again on a fresh socket")
+
+
+def _tick(reg: Registration, env: Env) -> None:
+    if reg.deadline is None or env.now < reg.deadline:
+        return
+    reg.deadline = None
+    if reg.state is State.BACKOFF:
+        _register(reg, env, "retry")
+    elif reg.state is State.CONNECTING:
+        _backoff(reg, env, f"the kubelet accepted Register but opened no ListAndWatch stream within "
+                 f"{env.stream_timeout:g} s (it may have failed to dial our socket)", logging.WARNING)
+    elif reg.state is State.DRAINING:
+        _register_now(reg, env)
+
+
+def _backoff(reg: Registration, env: Env, why: str, level: int, then: str = "retrying") -> None:
+    delay = reg.backoff
+    reg.backoff = min(reg.backoff * 2, env.backoff_max)
+    _enter(reg, env, State.BACKOFF, why, env.now + delay)
+    _log(env, level, f"{reg.resource}: {why}; {then} in {delay:.2f} s")
