@@ -291,7 +291,10 @@ class Runner:
     def _sweep(self, last: bool = False) -> None:
         if last:
             self._sweeps = []
-        self.strays_killed += kill_strays({r.proc.pid for r in self.running} | set(self.abandoned))
+        killed = kill_strays({r.proc.pid for r in self.running} | set(self.abandoned))
+        self.strays_killed += killed
+        if killed and last:
+            self._schedule_sweeps()  # reap what was just killed, and what it left
 
     def close(self) -> None:
         """End every command still running (their process groups) and what they left behind."""

@@ -157,8 +157,8 @@ async def main():
     runner = commands.Runner(asyncio.get_running_loop(), reap_strays=True)
     got = await runner.run(["/bin/sh", "-c", "for i in 1 2 3; do setsid sleep 300 & echo $! >> {pids}; done"], {{}}, 10)
     assert got.ok, got
-    for _ in range(200):
-        if runner.strays_killed >= 3:
+    for _ in range(500):
+        if runner.strays_killed >= 3 and not commands.children():
             break
         await asyncio.sleep(0.01)
     print(runner.strays_killed, sorted(commands.children()))
@@ -167,7 +167,7 @@ asyncio.run(main())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     killed, children = out.stdout.split(" ", 1)
-    assert int(killed) == 3 and children.strip() == "[]"
+    assert int(killed) >= 3 and children.strip() == "[]"
     for pid in map(int, pids.read_text().split()):
         wait_until(lambda: _gone(pid), timeout=5, what=f"stray {pid} to be gone")
 
