@@ -147,7 +147,7 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
         n: (0 if n in anchor else 1, -count, n) for n, count in free_per_node.items()
     }
 
-    def rank(i: str) -> Tuple[Tuple[int, int, int], List[object], str]:
+    def rank(i: str) -> Tuple[Tuple[int, int, int], List[Tuple[int, int, str]], str]:
         if not usable(i):
             # Unknown or unhealthy: Allocate would refuse these, so only to make up the size.
             return (3, 0, 0), natural_key(i), i
