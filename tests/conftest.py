@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 import pytest
 
-from udev_device_plugin.standin import StandInKubelet
+from .standin import NEWEST, StandInKubelet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +40,15 @@ def kubelet_dir(tmp_path) -> str:
 
 
 @pytest.fixture
-def kubelet(kubelet_dir) -> Iterator[StandInKubelet]:
-    k = StandInKubelet(kubelet_dir).start()
+def kubelet_behaviour() -> str:
+    """The kubelet release the ``kubelet`` fixture behaves as (tests/standin.py); a test or module
+    picks another with ``@pytest.mark.parametrize("kubelet_behaviour", BEHAVIOURS)``."""
+    return NEWEST
+
+
+@pytest.fixture
+def kubelet(kubelet_dir, kubelet_behaviour) -> Iterator[StandInKubelet]:
+    k = StandInKubelet(kubelet_dir, behaviour=kubelet_behaviour).start()
     try:
         yield k
     finally:
