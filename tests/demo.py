@@ -15,10 +15,14 @@ import tempfile
 import time
 from typing import Callable, List, Optional
 
-import udev_device_plugin
-from udev_device_plugin import config
+if __name__ == "__main__":
+    # gRPC's core logs connection chatter at INFO; must be set before grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from .standin import StandInKubelet
+import udev_device_plugin  # noqa: E402
+from udev_device_plugin import config  # noqa: E402
+
+from .standin import StandInKubelet  # noqa: E402
 
 Echo = Callable[[str], None]
 # The shipped example: resources that match on any Linux machine.
