@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 import pytest
 
-from .standin import NEWEST, StandInKubelet
+from .standin import BEHAVIOURS, NEWEST, StandInKubelet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +41,13 @@ def kubelet_dir(tmp_path) -> str:
 
 @pytest.fixture
 def kubelet_behaviour() -> str:
-    """The kubelet release the ``kubelet`` fixture behaves as (tests/standin.py); a test or module
-    picks another with ``@pytest.mark.parametrize("kubelet_behaviour", BEHAVIOURS)``."""
-    return NEWEST
+    """The kubelet release the ``kubelet`` fixture behaves as (tests/standin.py): the newest, or
+    ``UDP_KUBELET_BEHAVIOUR`` (a whole run against another release); a test or module picks its own
+    with ``@pytest.mark.parametrize("kubelet_behaviour", BEHAVIOURS)``."""
+    behaviour = os.environ.get("UDP_KUBELET_BEHAVIOUR", NEWEST)
+    if behaviour not in BEHAVIOURS:
+        pytest.fail(f"UDP_KUBELET_BEHAVIOUR={behaviour!r}: accepted: {', '.join(BEHAVIOURS)}", pytrace=False)
+    return behaviour
 
 
 @pytest.fixture
