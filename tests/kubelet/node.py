@@ -65,6 +65,9 @@ TOOLS = {
     "nsenter": "util-linux",
     "ss": "iproute2",
 }
+# Every process of a node carries this in its environment (containerd's shims inherit it), so a run
+# killed before its teardown can be cleaned up by the next one: see clean_leftovers().
+MARKER = "UDP_KUBELET_TEST_NODE"
 KUBELET_START_TIMEOUT = 60.0  # about 6-9 s here
 POD_TIMEOUT = 60.0
 
@@ -369,6 +372,7 @@ class Node:
         missing = problems()
         if missing:
             raise NodeError("cannot run a real node here: " + "; ".join(missing))
+        clean_leftovers()
         for d in ("dp", "manifests", "kroot", "varlib", "varlog", "run", "sysctl", "c", "c/cni-bin",
                   "c/cni-conf", "volume-plugins", "certs", "images", "share"):
             os.makedirs(os.path.join(self.base, d), exist_ok=True)
@@ -397,11 +401,14 @@ class Node:
         script += ["echo ready", "exec sleep infinity"]
         log = os.path.join(self.base, "holder.log")
         self.holder = Process(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                               "\n".join(script)], log)
+                               "\n".join(script)], log, self.env())
         wait_for(lambda: "ready" in self.holder.log() or not self.holder.alive(), 10, "the namespace holder")
         if not self.holder.alive():
             raise NodeError(f"the mount namespace could not be set up:\n{self.holder.tail()}")
         self.mnt_ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+
+    def env(self) -> Dict[str, str]:
+        return dict(os.environ, **{MARKER: self.base})
 
     def enter(self) -> List[str]:
         assert self.holder is not None
@@ -444,7 +451,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         with open(config, "w") as f:
             f.write(self._containerd_config())
         self.containerd = Process(self.enter() + ["containerd", "--config", config],
-                                  os.path.join(self.base, "containerd.log"))
+                                  os.path.join(self.base, "containerd.log"), self.env())
         wait_for(lambda: not self.containerd.alive() or self._ctr_ok(), 30, "containerd to serve its socket")
         if not self.containerd.alive():
             raise NodeError(f"containerd exited:\n{self.containerd.tail()}")
@@ -489,7 +496,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for key in self.ports:
             self.ports[key] = free_port()
         run = len(self.runs) + 1
-        env = dict(os.environ, TZ="UTC")  # its log's timestamps, parsed as UTC
+        env = dict(self.env(), TZ="UTC")  # its log's timestamps, parsed as UTC
         started = time.monotonic()
         process = Process(self.enter() + self.kubelet_argv(), os.path.join(self.base, f"kubelet-{run}.log"), env)
         kubelet = Kubelet(process, run)
@@ -771,6 +778,61 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for d in set(glob.glob(f"/sys/fs/cgroup/*/{CGROUP_PARENT}")) - self.cgroup_parents_before:
             if not [e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e))]:
                 _rmdir(d)
+
+
+def marked_processes() -> Dict[int, str]:
+    """PID -> node base directory, for every running process of a node (ours or a killed run's)."""
+    found = {}
+    needle = MARKER.encode() + b"="
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(needle):
+                found[int(entry)] = item[len(needle):].decode(errors="replace")
+    return found
+
+
+def clean_leftovers() -> List[str]:
+    """End what a test run killed before its teardown left behind: its node processes (holder, containerd,
+    kubelet, shims) and its containers (found by the IDs in that containerd's root), then their cgroups.
+    Returns the base directories cleaned."""
+    procs = {pid: base for pid, base in marked_processes().items() if pid != os.getpid()}
+    bases = sorted(set(procs.values()))
+    ids: set = set()
+    for base in bases:
+        cri = os.path.join(base, "c", "root", "io.containerd.grpc.v1.cri")
+        for kind in ("containers", "sandboxes"):
+            try:
+                ids.update(os.listdir(os.path.join(cri, kind)))
+            except OSError:
+                pass
+    cgroups = [d for d in glob.glob(f"/sys/fs/cgroup/*/{CGROUP_PARENT}/*") if os.path.basename(d) in ids]
+    pids = set(procs)
+    for d in cgroups:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not (set(marked_processes()) & pids), 15, "a killed run's node processes to end")
+    for d in cgroups:
+        wait_for(lambda d=d: _rmdir(d), 10, f"cgroup {d} to be removable")  # type: ignore[misc]
+    if cgroups:  # their parent too, once it holds no other container's cgroup
+        for parent in {os.path.dirname(d) for d in cgroups}:
+            if not [e for e in os.listdir(parent) if os.path.isdir(os.path.join(parent, e))]:
+                _rmdir(parent)
+    return bases
 
 
 def _rmdir(path: str) -> bool:
