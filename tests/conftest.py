@@ -185,8 +185,7 @@ def no_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
-                 and not t.name.startswith(("ThreadPoolExecutor", "grpc"))]
+        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
         children = sorted(set(_children()) - children_before)
         if not extra and not children:
             return
