@@ -187,6 +187,10 @@ def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
     Raises :class:`Undecodable`.  ``withheld``, when given, receives the descendants' nodes the
     resource does not grant (``list`` shows them), as ``node (subsystem)``.
     """
+    # The subsystem first: a refresh may hand over any device, and one of another subsystem is
+    # none of this resource's business, decodable or not.
+    if _text("its subsystem", lambda: udev.subsystem) != res.subsystem:
+        return None, ""
     view = UdevView(udev)
     if not matches(res, view):
         return None, ""
@@ -224,8 +228,10 @@ def _evaluate_safely(context, res: ResourceConfig, udev,  # type: ignore[no-unty
     try:
         return evaluate(context, res, udev, exists, withheld)
     except Undecodable as exc:
+        # The path itself is shown escaped; any other value follows the words naming it.
+        value = "" if exc.what == "its sys_path" else f": {escaped(exc.raw)}"
         return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: {exc.what} is not "
-                      f"{sys.getfilesystemencoding()} text: {escaped(exc.raw)}")
+                      f"{sys.getfilesystemencoding()} text{value}")
     except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it
         return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: its udev data is not "
                       f"{sys.getfilesystemencoding()} text: {escaped(bytes(exc.object))}")
