@@ -103,9 +103,9 @@ deb-packages:
 	apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null && \
 	echo "installed: $$missing"
 
-# README's first command: serve the example devices to a stand-in kubelet and show what it sees.
+# README's first command: serve the example devices to the tests' stand-in kubelet and show what it sees.
 demo: venv
-	$(VENV)/bin/udev-device-plugin demo
+	$(VENV)/bin/python -m tests.demo
 
 # README's second command: the Debian packages, lint, the suite on each stack (newest, also on
 # protobuf's pure-Python backend; EL9; EL10), bytes across stacks, then the system tests (a real
