@@ -1,7 +1,7 @@
 # RPM and source tarball targets: dist, srpm, rpm, rpmlint.
 # Included from the top-level Makefile ("include packaging/rpm.mk").
-# Needs: git, tar, gzip, rpm (rpmbuild), rpmlint; for the %check unit tests a
-# python with pytest and the runtime modules (RPM_CHECK_PYTHON, below).
+# Needs: git, tar, gzip, rpm (rpmbuild), rpmlint.  The %check unit tests run
+# with the project venv's python (built first: pytest and the runtime modules).
 
 RPM_NAME := udev-device-plugin
 # The one source of the version.
@@ -14,9 +14,10 @@ RPM_TARBALL := $(RPM_OUTDIR)/$(RPM_NAME)-$(RPM_VERSION).tar.gz
 RPM_SPEC_IN := packaging/rpm/$(RPM_NAME).spec
 RPM_SPEC := $(RPM_TOPDIR)/SPECS/$(RPM_NAME).spec
 RPM_FILE := $(RPM_OUTDIR)/$(RPM_NAME)-$(RPM_VERSION)-$(RPM_RELEASE).noarch.rpm
-# The python that runs tests/unit in %check (Debian has no python3-pytest by
-# default; the project venv has everything).  RHEL builds use %{python3}.
-RPM_CHECK_PYTHON ?= $(firstword $(wildcard $(CURDIR)/.venv/bin/python) /usr/bin/python3)
+# The python that runs tests/unit in %check: Debian's python3 has neither
+# pytest nor grpcio, the project venv (make venv) has everything.  RHEL builds
+# of the SRPM (rpmbuild --rebuild, mock) use %{python3} and the BuildRequires.
+RPM_CHECK_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 RPMBUILD_OPTS ?=
 # The changelog entry of the generated spec: the date of the last commit, so
 # rebuilding a commit gives the same package.
@@ -57,7 +58,7 @@ srpm: dist $(RPM_SPEC)
 	$(RPMBUILD) -bs --nodeps $(RPM_SPEC)
 
 # --nodeps: on Debian the BuildRequires are Debian packages rpm does not know.
-rpm: dist $(RPM_SPEC)
+rpm: venv dist $(RPM_SPEC)
 	$(RPMBUILD) -bb --nodeps $(RPM_SPEC)
 	@echo "wrote $(RPM_FILE)"
 

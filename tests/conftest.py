@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 import pytest
 
-from udev_device_plugin.standin import StandInKubelet
+from .standin import BEHAVIOURS, NEWEST, StandInKubelet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +40,19 @@ def kubelet_dir(tmp_path) -> str:
 
 
 @pytest.fixture
-def kubelet(kubelet_dir) -> Iterator[StandInKubelet]:
-    k = StandInKubelet(kubelet_dir).start()
+def kubelet_behaviour() -> str:
+    """The kubelet release the ``kubelet`` fixture behaves as (tests/standin.py): the newest, or
+    ``UDP_KUBELET_BEHAVIOUR`` (a whole run against another release); a test or module picks its own
+    with ``@pytest.mark.parametrize("kubelet_behaviour", BEHAVIOURS)``."""
+    behaviour = os.environ.get("UDP_KUBELET_BEHAVIOUR", NEWEST)
+    if behaviour not in BEHAVIOURS:
+        pytest.fail(f"UDP_KUBELET_BEHAVIOUR={behaviour!r}: accepted: {', '.join(BEHAVIOURS)}", pytrace=False)
+    return behaviour
+
+
+@pytest.fixture
+def kubelet(kubelet_dir, kubelet_behaviour) -> Iterator[StandInKubelet]:
+    k = StandInKubelet(kubelet_dir, behaviour=kubelet_behaviour).start()
     try:
         yield k
     finally:
@@ -175,10 +186,9 @@ def no_leaks() -> Iterator[None]:
     deadline = time.monotonic() + 5
     while True:
         # grpc.aio's completion-queue poller is one thread per process, started by the first aio
-        # server or channel and never a second: a singleton, not a leak (a second one would be).
+        # server or channel (an in-process daemon's) and never a second: a singleton, not a leak.
         pollers = [t for t in threading.enumerate() if t.name.endswith("(_poll_wrapper)")]
         extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
-                 and not t.name.startswith(("ThreadPoolExecutor", "grpc"))
                  and not (len(pollers) == 1 and t is pollers[0])]
         children = sorted(set(_children()) - children_before)
         if not extra and not children:

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .config import ResourceConfig
-from .model import Device, natural_key
+from .model import Device, natural_key, quote_id
+
+# How many IDs a refusal names; the rest are counted (a request may name thousands).
+NAMED_IDS = 8
 
 
 class AllocationError(Exception):
@@ -44,14 +47,19 @@ def check_ids(resource: str, devices: Mapping[str, Device], ids: Sequence[str]) 
     """The devices for ``ids``; refuse the whole request on the first unknown, then unhealthy, ID."""
     if not ids:
         raise AllocationError("unknown", f"{resource}: the request names no device")
-    unknown = [i for i in ids if i not in devices]
+    unknown = [i for i in dict.fromkeys(ids) if i not in devices]
     if unknown:
-        raise AllocationError("unknown", f"{resource}: unknown device ID(s) {', '.join(map(repr, unknown))}")
-    sick = [i for i in ids if not devices[i].healthy]
+        raise AllocationError("unknown", f"{resource}: unknown device ID(s) "
+                              f"{', '.join(quote_id(i) for i in unknown[:NAMED_IDS])}{_more(unknown)}")
+    sick = [i for i in dict.fromkeys(ids) if not devices[i].healthy]
     if sick:
-        reasons = "; ".join(f"{i!r}: {devices[i].reason or 'unhealthy'}" for i in sick)
-        raise AllocationError("unhealthy", f"{resource}: device(s) not healthy: {reasons}")
+        reasons = "; ".join(f"{quote_id(i)}: {devices[i].reason or 'unhealthy'}" for i in sick[:NAMED_IDS])
+        raise AllocationError("unhealthy", f"{resource}: device(s) not healthy: {reasons}{_more(sick)}")
     return [devices[i] for i in dict.fromkeys(ids)]
+
+
+def _more(named: Sequence[str]) -> str:
+    return f" and {len(named) - NAMED_IDS} more" if len(named) > NAMED_IDS else ""
 
 
 def allocate(res: ResourceConfig, devices: Mapping[str, Device], ids: Sequence[str]) -> ContainerAllocation:
@@ -139,7 +147,7 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
         n: (0 if n in anchor else 1, -count, n) for n, count in free_per_node.items()
     }
 
-    def rank(i: str) -> Tuple[Tuple[int, int, int], List[object], str]:
+    def rank(i: str) -> Tuple[Tuple[int, int, int], List[Tuple[int, int, str]], str]:
         if not usable(i):
             # Unknown or unhealthy: Allocate would refuse these, so only to make up the size.
             return (3, 0, 0), natural_key(i), i

@@ -10,19 +10,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import json  # noqa: E402
 import os
-import signal
 import sys
-import tempfile
-import threading
 from typing import Any, List, Optional
 
 import click
 
-from . import __version__, config, demo, inspection
+from . import __version__, config, inspection
 from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
 
 DEFAULT_CONFIG = config.DEFAULT_CONFIG
-EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "example.conf")
 
 _config_option = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
                               help="Main config file; drop-ins are read from conf.d/ beside it.")
@@ -123,48 +119,6 @@ def inspect_cmd(config_path: str, kubelet_dir: Optional[str], as_json: bool, tim
     if not report["resources"]:
         click.echo(f"no udev-device-plugin socket answers in {kubelet_dir}", err=True)
         sys.exit(EXIT_FAILURE)
-
-
-@main.command("kubelet-stand-in")
-@click.option("--kubelet-dir", required=True, help="Directory to serve kubelet.sock in.")
-@click.option("--state-file", default=None, help="Write the stand-in's view as JSON here on every change.")
-def standin_cmd(kubelet_dir: str, state_file: Optional[str]) -> None:
-    """A stand-in kubelet for machines without one. SIGHUP restarts it as a kubelet restart would."""
-    from .standin import StandInKubelet
-
-    inspection.setup_plain_logging()
-    kubelet = StandInKubelet(kubelet_dir, state_file).start()
-    stop = threading.Event()
-    restart = threading.Event()
-    wake = threading.Event()  # either of the two: a wait on `stop` alone slept through SIGHUP
-
-    def on_signal(signum: int, frame: object) -> None:
-        (restart if signum == signal.SIGHUP else stop).set()
-        wake.set()
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    click.echo(f"stand-in kubelet serving {kubelet.socket}", err=True)
-    try:
-        while not stop.is_set():
-            wake.wait(3600)
-            wake.clear()
-            if restart.is_set() and not stop.is_set():
-                restart.clear()
-                kubelet.restart()
-                click.echo("stand-in kubelet restarted", err=True)
-    finally:
-        kubelet.stop()
-
-
-@main.command("demo")
-@click.option("--config", "config_path", default=EXAMPLE_CONFIG, show_default=True,
-              help="Config to serve (default: the shipped example that matches on any Linux machine).")
-def demo_cmd(config_path: str) -> None:
-    """Run the daemon against a stand-in kubelet in a temporary directory and show what a kubelet sees."""
-    _load_or_exit(config_path)
-    with tempfile.TemporaryDirectory(prefix="udev-device-plugin-demo-") as tmp:
-        sys.exit(demo.run_demo(config_path, os.path.join(tmp, "device-plugins"), click.echo))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,21 +1,25 @@
 """Parse and validate the INI configuration.
 
 Pure: no udev, no gRPC, no filesystem access except in :func:`load`, which reads
-the main file and the ``conf.d/*.conf`` drop-ins beside it and hands their text to
-:func:`parse`.  Every problem is collected, so an admin sees all of them at once;
-each message names the file, the ``[section]``, the key, the bad value and what
-is accepted.
+the main file and the ``conf.d/*.conf`` drop-ins beside it, refuses files others than
+root could have written (``strict_permissions``), and hands their text to :func:`parse`.
+Every problem is collected, so an admin sees all of them at once; each message names
+the file, the ``[section]``, the key, the bad value and what is accepted.
 """
 
 from __future__ import annotations
 
 import configparser
 import fnmatch
+import grp
 import os
+import pwd
 import re
 import shlex
+import stat
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 DEFAULT_CONFIG = "/etc/udev-device-plugin/udev-device-plugin.conf"
 DROPIN_DIR_NAME = "conf.d"
@@ -23,6 +27,9 @@ KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET = "kubelet.sock"
 # The kubelet gives PreStartContainer 30 s; leave room for the reply.
 KUBELET_PRESTART_TIMEOUT = 30.0
+
+# Where a drop-in that is a symlink may point while strict_permissions is on.
+TRUSTED_SYMLINK_ROOT = "/etc"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_SINKS = ("auto", "journal", "stderr")
@@ -40,6 +47,10 @@ _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UDEV_PROPERTY = re.compile(r"^[A-Za-z0-9_.]+$")
 _SYSFS_ATTRIBUTE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_SUBSYSTEM = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+# child_devnodes = all, stored as the one glob that matches every subsystem.
+ALL_CHILDREN = ("*",)
 
 
 class ConfigError(Exception):
@@ -103,6 +114,14 @@ class ResourceConfig:
     health_interval: float = 30.0
     health_timeout: float = 10.0
     health_threshold: int = 1
+    # Subsystems of the descendants whose device nodes are granted with the device
+    # (ALL_CHILDREN: every one; (): none, the default).
+    child_devnodes: Tuple[str, ...] = ()
+    vfio_group_devnode: bool = False
+
+    def grants_child(self, subsystem: Optional[str]) -> bool:
+        """True if a descendant of this subsystem gives its device node with the device."""
+        return self.child_devnodes == ALL_CHILDREN or (subsystem is not None and subsystem in self.child_devnodes)
 
     @property
     def socket_stem(self) -> str:
@@ -118,6 +137,8 @@ class PluginConfig:
     register_timeout: float = 5.0
     register_backoff_max: float = 10.0
     ready_timeout: float = 15.0
+    health_workers: int = 8
+    strict_permissions: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,8 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "register_timeout": ("5", "seconds to wait for the kubelet to answer Register"),
     "register_backoff_max": ("10", "longest wait, in seconds, between failed Register attempts"),
     "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
+    "health_workers": ("8", "how many health_command runs at once, 1-1024"),
+    "strict_permissions": ("yes", "refuse config files and directories others than root may write (main file only)"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -151,6 +174,8 @@ RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
     "driver": ("(any)", "space-separated globs on the bound driver"),
     "property.<NAME>": ("(none)", "space-separated globs on a udev property"),
     "attribute.<name>": ("(none)", "space-separated globs on a sysfs attribute"),
+    "child_devnodes": ("none", "whose descendants' device nodes come with a device: all, none or subsystem names"),
+    "vfio_group_devnode": ("no", "yes: each device's VFIO group node /dev/vfio/<iommu_group> comes with it"),
     "extra_devnodes": ("(none)", "device nodes given with every allocation"),
     "id": ("sys_name", "device ID: sys_name, devnode, property.<NAME> or attribute.<name>"),
     "permissions": ("rw", "cgroup device permissions, a subset of rwm"),
@@ -164,7 +189,7 @@ RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
     "health.property.<NAME>": ("(none)", "healthy only while this udev property matches these globs"),
     "health_command": ("(none)", "command run per device; exit 0 is healthy"),
     "health_interval": ("30", "seconds between health_command runs"),
-    "health_timeout": ("10", "seconds before a health_command run counts as unhealthy"),
+    "health_timeout": ("10", "seconds before a health_command run counts as unhealthy; below health_interval"),
     "health_threshold": ("1", "consecutive equal results before health changes"),
 }
 
@@ -198,12 +223,30 @@ class _Collector:
         self.errors: List[str] = []
 
     def error(self, section: str, key: Optional[str], value: Optional[str], problem: str) -> None:
-        where = f"{self.source}: [{section}]"
+        where = f"{self.source}: [{_shown(section)}]"
         if key is not None:
-            where += f" {key}"
+            where += f" {_shown(key)}"
             if value is not None:
                 where += f" = {value!r}"
         self.errors.append(f"{where}: {problem}")
+
+
+def _control(text: str) -> Optional[int]:
+    """Index of the first control character in ``text`` (tab and newline aside), or None.
+
+    C0 and C1 controls (NUL, ESC, DEL, NEL ...) and the Unicode line and paragraph separators:
+    a NUL in a path or an argument reaches the Allocate answer or fails every exec, and the
+    others break lines or terminals where the value is shown.
+    """
+    for i, ch in enumerate(text):
+        if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return i
+    return None
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: as is when printable, else escaped as repr() escapes it."""
+    return text if _control(text) is None else repr(text)[1:-1]
 
 
 def _globs(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ...]:
@@ -228,6 +271,21 @@ def _number(c: _Collector, section: str, key: str, value: str, lo: float, hi: fl
         c.error(section, key, value, f"accepted: a number of seconds greater than {lo:g} and at most {hi:g}")
         return None
     return num
+
+
+def _whole(c: _Collector, section: str, key: str, value: str, lo: int, hi: int) -> Optional[int]:
+    # isdigit() alone admits '\u00b2', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 6 or not lo <= int(value) <= hi:
+        c.error(section, key, value, f"accepted: a whole number from {lo} to {hi}")
+        return None
+    return int(value)
+
+
+def _boolean(c: _Collector, section: str, key: str, value: str) -> Optional[bool]:
+    flag = _BOOLEANS.get(value.lower())
+    if flag is None:
+        c.error(section, key, value, "accepted: yes or no (also true/false, on/off, 1/0)")
+    return flag
 
 
 def _command(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ...]:
@@ -314,12 +372,36 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             num = _number(c, section, key, value, 0, _PLUGIN_SECONDS[key])
             if num is not None:
                 into[key] = num
+        elif key == "health_workers":
+            workers = _whole(c, section, key, value, 1, 1024)
+            if workers is not None:
+                into[key] = workers
+        elif key == "strict_permissions":
+            flag = _boolean(c, section, key, value)
+            if flag is not None:
+                into[key] = flag
         else:
             c.error(section, key, None, "unknown key; accepted: " + ", ".join(PLUGIN_KEYS))
 
 
-def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, str]) -> Optional[ResourceConfig]:
+def _printable(c: _Collector, section: str, items: Mapping[str, str]) -> Dict[str, str]:
+    """The items whose values hold no control character; an error for each of the others."""
+    out = {}
+    for key, value in items.items():
+        at = _control(value)
+        if at is None:
+            out[key] = value
+        else:
+            c.error(section, key, value, f"control character U+{ord(value[at]):04X} at position {at + 1}; "
+                    "accepted: printable text (tabs and continuation lines aside)")
+    return out
+
+
+def _parse_resource(c: _Collector, section: str, name: str, raw: Mapping[str, str]) -> Optional[ResourceConfig]:
     before = len(c.errors)
+    # A key refused for a control character still counts as given: it is not also "missing".
+    given = set(raw)
+    items = _printable(c, section, raw)
     problem = validate_resource_name(name)
     if problem:
         c.error(section, None, None, f"resource name {name!r} is not one the kubelet accepts: {problem}")
@@ -330,7 +412,7 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
     hattrs: List[Tuple[str, Tuple[str, ...]]] = []
     for key, value in items.items():
         if key == "subsystem":
-            if not re.match(r"^[A-Za-z0-9_.:-]+$", value):
+            if not _SUBSYSTEM.match(value):
                 c.error(section, key, value, "accepted: one udev subsystem name, e.g. mem, block, pci")
             kw[key] = value
         elif key in ("kernel", "devtype", "driver"):
@@ -345,6 +427,19 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
             if not _SYSFS_ATTRIBUTE.match(attr) or ".." in attr.split("/"):
                 c.error(section, key, None, "accepted: attribute.<name> with a sysfs attribute name such as vendor")
             (hattrs if key.startswith("health.") else attrs).append((attr, _globs(c, section, key, value)))
+        elif key == "child_devnodes":
+            words = value.split()
+            if words == ["all"]:
+                kw[key] = ALL_CHILDREN
+            elif words == ["none"]:
+                kw[key] = ()
+            elif words and all(_SUBSYSTEM.match(w) and w not in ("all", "none") for w in words):
+                kw[key] = tuple(dict.fromkeys(words))
+            else:
+                c.error(section, key, value, "accepted: all, none, or udev subsystem names separated by spaces, "
+                        "e.g. accel drm")
+        elif key == "vfio_group_devnode":
+            kw[key] = _boolean(c, section, key, value)
         elif key == "extra_devnodes":
             nodes = value.split()
             for node in nodes:
@@ -401,26 +496,41 @@ def _parse_resource(c: _Collector, section: str, name: str, items: Mapping[str, 
         elif key == "health_timeout":
             kw[key] = _number(c, section, key, value, 0, 3600)
         elif key == "health_threshold":
-            # isdigit() alone admits '²', which int() refuses.
-            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 100:
-                c.error(section, key, value, "accepted: a whole number from 1 to 100")
-            else:
-                kw[key] = int(value)
+            kw[key] = _whole(c, section, key, value, 1, 100)
         else:
             c.error(section, key, None, "unknown key; accepted: " + ", ".join(RESOURCE_KEYS))
-    if "subsystem" not in kw:
+    if "subsystem" not in given:
         c.error(section, "subsystem", None, "missing; every resource needs the udev subsystem of its devices")
-    if "health_timeout" in kw or "health_interval" in kw:
-        if not kw.get("health_command"):
-            c.error(section, "health_interval" if "health_interval" in kw else "health_timeout", None,
+    if "health_timeout" in given or "health_interval" in given:
+        if "health_command" not in given:
+            c.error(section, "health_interval" if "health_interval" in given else "health_timeout", None,
                     "only meaningful with health_command")
-    if "prestart_timeout" in kw and not kw.get("prestart_command"):
+    if "prestart_timeout" in given and "prestart_command" not in given:
         c.error(section, "prestart_timeout", None, "only meaningful with prestart_command")
+    _check_health_timing(c, section, given, kw)
     if len(c.errors) != before:
         return None
     kw["properties"], kw["attributes"] = tuple(props), tuple(attrs)
     kw["health_properties"], kw["health_attributes"] = tuple(hprops), tuple(hattrs)
     return ResourceConfig(**kw)  # type: ignore[arg-type]
+
+
+def _check_health_timing(c: _Collector, section: str, given: Set[str], kw: Mapping[str, object]) -> None:
+    """health_timeout below health_interval, whether each is given or defaulted: a run that may
+    take as long as the interval would be due again before it ends."""
+    if "health_command" not in given:
+        return
+    timeout, interval = kw.get("health_timeout", 10.0), kw.get("health_interval", 30.0)
+    if not isinstance(timeout, float) or not isinstance(interval, float) or timeout < interval:
+        return  # a bad value is reported already
+
+    def origin(key: str) -> str:
+        return "" if key in given else " (the default)"
+
+    key = "health_timeout" if "health_timeout" in given else "health_interval"
+    c.error(section, key, None, f"health_timeout {timeout:g}{origin('health_timeout')} is not below "
+            f"health_interval {interval:g}{origin('health_interval')}; accepted: a health_timeout shorter "
+            "than health_interval, e.g. health_interval = 30 with health_timeout = 10")
 
 
 def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[ResourceConfig], List[str]]:
@@ -454,11 +564,11 @@ def parse_file(text: str, source: str) -> Tuple[Dict[str, object], List[Resource
     plugin: Dict[str, object] = {}
     resources: List[ResourceConfig] = []
     for section in parser.sections():
-        items = dict(parser.items(section))
+        given = dict(parser.items(section))
         if section == "plugin":
-            _parse_plugin(c, section, items, plugin)
+            _parse_plugin(c, section, _printable(c, section, given), plugin)
         elif section.startswith("resource ") and section[len("resource "):].strip():
-            res = _parse_resource(c, section, section[len("resource "):].strip(), items)
+            res = _parse_resource(c, section, section[len("resource "):].strip(), given)
             if res is not None:
                 resources.append(res)
         else:
@@ -508,15 +618,20 @@ def _line(text: str, lineno: int) -> str:
 def parse(files: List[Tuple[str, str]]) -> Config:
     """Build a Config from ``(source, text)`` pairs in order; raise ConfigError with every problem.
 
-    ``[plugin]`` keys of a later file override earlier ones (as systemd drop-ins do);
+    The first file is the main file.  ``[plugin]`` keys of a later file override earlier ones
+    (as systemd drop-ins do), except ``strict_permissions``, which only the main file may set;
     a resource defined in two files is an error naming both.
     """
     errors: List[str] = []
     plugin: Dict[str, object] = {}
     resources: Dict[str, ResourceConfig] = {}
-    for source, text in files:
+    for index, (source, text) in enumerate(files):
         p, res, errs = parse_file(text, source)
         errors.extend(errs)
+        if index and "strict_permissions" in p:
+            errors.append(f"{source}: [plugin] strict_permissions: only read from the main file {files[0][0]}, "
+                          "which decides how the drop-ins are judged; accepted: the key in the main file")
+            del p["strict_permissions"]
         plugin.update(p)
         for r in res:
             if r.name in resources:
@@ -540,21 +655,155 @@ def config_files(path: str) -> List[str]:
     return [path] + [os.path.join(dropin, n) for n in names]
 
 
-def load(path: str = DEFAULT_CONFIG) -> Config:
-    """Read ``path`` and its drop-ins; raise ConfigError naming every problem."""
-    files: List[Tuple[str, str]] = []
+# A config file is a few kilobytes; refuse to read a runaway one into memory.
+MAX_FILE_BYTES = 1 << 20
+
+
+def load(path: str = DEFAULT_CONFIG, candidates: Sequence[str] = ()) -> Config:
+    """Read ``path`` and its drop-ins; raise ConfigError naming every problem.
+
+    ``candidates`` are read as if they were in ``conf.d/`` (each replaces the drop-in of its
+    name), for ``check-config --dropin``.  The main file and its directory must be writable by
+    root (or the user running us) only; so must ``conf.d/`` and each drop-in, and a drop-in that
+    is a symlink must point into /etc, unless the main file says ``strict_permissions = no``.
+    The main file's own setting cannot excuse the main file: a file anyone may write could say so.
+    """
     errors: List[str] = []
-    for name in config_files(path):
-        try:
-            with open(name, encoding="utf-8") as f:
-                files.append((name, f.read()))
-        except OSError as exc:
-            errors.append(f"{name}: cannot read: {exc.strerror}")
-        except UnicodeDecodeError as exc:
-            errors.append(f"{name}: not UTF-8 text: {exc.reason} at byte {exc.start}")
+    main_text = _read_file(path, errors, judge=True, symlink_rule=False, main=path)
+    strict = True
+    if main_text is not None:
+        settings, _, _ = parse_file(main_text, path)
+        strict = bool(settings.get("strict_permissions", True))
+    main_dir = os.path.dirname(os.path.abspath(path))
+    _judge_dir(main_dir, errors, main=path, relaxable=False)
+    dropin_dir = os.path.join(main_dir, DROPIN_DIR_NAME)
+    try:
+        names = config_files(path)[1:]
+    except ConfigError as exc:
+        errors.extend(exc.messages)
+        names = []
+    if strict and names:
+        _judge_dir(dropin_dir, errors, main=path, relaxable=True)
+    replaced = {os.path.basename(c) for c in candidates}
+    names = [n for n in names if os.path.basename(n) not in replaced] + list(candidates)
+    files: List[Tuple[str, str]] = [] if main_text is None else [(path, main_text)]
+    for name in names:
+        text = _read_file(name, errors, judge=strict, symlink_rule=strict, main=path)
+        if text is not None:
+            files.append((name, text))
     if errors:
         raise ConfigError(errors)
     return parse(files)
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _insecure(st: os.stat_result) -> Optional[str]:
+    """Why someone other than root (or the user we run as) could change this file or directory."""
+    why = []
+    if st.st_uid not in (0, os.geteuid()):
+        why.append(f"owned by {_owner(st.st_uid)}")
+    writable = [who for bit, who in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "everyone")) if st.st_mode & bit]
+    if writable:
+        why.append("writable by " + " and ".join(writable))
+    if not why:
+        return None
+    return (f"{' and '.join(why)} (owner {_owner(st.st_uid)}, group {_group(st.st_gid)}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _refusal(name: str, what: str, why: str, main: str, relaxable: bool) -> str:
+    accepted = f"accepted: a {what} only root may change (chown root, chmod go-w)"
+    if relaxable:
+        accepted += f", or strict_permissions = no in [plugin] of {main}"
+    else:
+        accepted += "; strict_permissions cannot excuse the main file or its directory"
+    return f"{name}: refused: the {what} is {why}; {accepted}"
+
+
+def _judge_dir(directory: str, errors: List[str], main: str, relaxable: bool) -> None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return  # what cannot be listed or read is reported as such
+    why = _insecure(st)
+    if why is not None:
+        what = "drop-in directory" if relaxable else "directory of the main file"
+        errors.append(_refusal(directory, what, why, main, relaxable))
+    elif relaxable:
+        _symlink_rule(directory, errors, main, "drop-in directory")
+
+
+def _symlink_rule(name: str, errors: List[str], main: str, what: str) -> bool:
+    """False (and an error) if ``name`` is a symlink that leads outside TRUSTED_SYMLINK_ROOT."""
+    try:
+        if not stat.S_ISLNK(os.lstat(name).st_mode):
+            return True
+    except OSError:
+        return True  # reported when it is opened
+    real = os.path.realpath(name)
+    if real.startswith(TRUSTED_SYMLINK_ROOT.rstrip("/") + "/"):
+        return True
+    errors.append(f"{name}: refused: the {what} is a symlink to {real}, outside {TRUSTED_SYMLINK_ROOT}; accepted: "
+                  f"a file in place or a symlink into {TRUSTED_SYMLINK_ROOT}, "
+                  f"or strict_permissions = no in [plugin] of {main}")
+    return False
+
+
+def _read_file(name: str, errors: List[str], judge: bool, symlink_rule: bool, main: str) -> Optional[str]:
+    """The text of ``name``, judged on the file actually opened (no race with a rename); None on error."""
+    if symlink_rule and not _symlink_rule(name, errors, main, "drop-in"):
+        return None
+    try:
+        # O_NONBLOCK: a FIFO planted under a config name must not hang the start.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        errors.append(f"{name}: cannot read: {exc.strerror}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            errors.append(f"{name}: cannot read: Is a directory")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            errors.append(f"{name}: cannot read: not a regular file; accepted: a text file")
+            return None
+        if judge:
+            why = _insecure(st)
+            if why is not None:
+                errors.append(_refusal(name, "drop-in" if name != main else "main file", why, main, name != main))
+                return None
+        data = os.read(fd, MAX_FILE_BYTES + 1)
+        while len(data) <= MAX_FILE_BYTES:
+            more = os.read(fd, MAX_FILE_BYTES + 1 - len(data))
+            if not more:
+                break
+            data += more
+    except OSError as exc:
+        errors.append(f"{name}: cannot read: {exc.strerror}")
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        errors.append(f"{name}: larger than {MAX_FILE_BYTES >> 20} MiB; accepted: a config file of at most that")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        errors.append(f"{name}: not UTF-8 text: {exc.reason} at byte {exc.start}")
+        return None
 
 
 def matches_globs(value: Optional[str], globs: Tuple[str, ...]) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyudev
 
@@ -15,26 +17,101 @@ from .model import HEALTHY, UNHEALTHY, Device, Snapshot, natural_key
 
 log = logging.getLogger(__name__)
 
+# pyudev decodes every name, path and value strictly with the file system encoding (UTF-8 here;
+# 0.22 as 0.24), and raises UnicodeDecodeError, a ValueError, for anything else: a net device
+# named b"x\xff" (root can create one), a property or an attribute holding such bytes.  That
+# device is skipped with a warning naming what could not be read; the rest are served.
+SHOWN_BYTES = 128
+
+
+class Undecodable(Exception):
+    """udev data of a device that is not text in the file system encoding."""
+
+    def __init__(self, what: str, raw: bytes) -> None:
+        super().__init__(what)
+        self.what = what
+        self.raw = raw
+
+
+def escaped(raw: bytes) -> str:
+    """``raw`` as one printable line: undecodable bytes and control characters escaped
+    (``x\\xff``), cut to SHOWN_BYTES with the length."""
+    text = raw[:SHOWN_BYTES].decode("utf-8", "backslashreplace")
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return text if len(raw) <= SHOWN_BYTES else f"{text}... ({len(raw)} bytes)"
+
+
+def safe_sys_path(device) -> str:  # type: ignore[no-untyped-def]
+    """The device's sys_path even when it is not UTF-8: undecodable bytes as surrogates
+    (os.fsdecode), so that :func:`shown_path` can print it and :func:`refresh` find it again."""
+    try:
+        return str(device.sys_path)
+    except UnicodeDecodeError as exc:
+        return os.fsdecode(bytes(exc.object))
+
+
+def shown_path(sys_path: str) -> str:
+    """A sys_path (possibly from :func:`safe_sys_path`) for a message: bytes escaped."""
+    return escaped(os.fsencode(sys_path))
+
+
+def _text(what: str, read: Callable[[], Optional[str]]) -> Optional[str]:
+    try:
+        return read()
+    except UnicodeDecodeError as exc:
+        raise Undecodable(what, bytes(exc.object)) from None
+
+
+class _Properties(Mapping[str, str]):
+    """pyudev's properties, each decoded when asked for: an undecodable one raises Undecodable."""
+
+    __slots__ = ("_props",)
+
+    def __init__(self, props) -> None:  # type: ignore[no-untyped-def]
+        self._props = props
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return str(self._props[name])
+        except UnicodeDecodeError as exc:
+            raise Undecodable(f"property {name}", bytes(exc.object)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            names = list(self._props)
+        except UnicodeDecodeError as exc:
+            raise Undecodable("a property name", bytes(exc.object)) from None
+        return iter(names)
+
+    def __len__(self) -> int:
+        return len(self._props)
+
 
 class UdevView:
-    """A pyudev Device seen through the :class:`matching.DeviceView` protocol."""
+    """A pyudev Device seen through the :class:`matching.DeviceView` protocol.
+
+    Raises :class:`Undecodable` (when built, or from :meth:`attribute` and ``properties``) for data
+    that is not text; the caller skips the device.
+    """
 
     __slots__ = ("device", "sys_path", "sys_name", "subsystem", "devtype", "driver", "devnode", "properties")
 
     def __init__(self, device) -> None:  # type: ignore[no-untyped-def]
         self.device = device
-        self.sys_path: str = device.sys_path
-        self.sys_name: str = device.sys_name
-        self.subsystem: str = device.subsystem or ""
-        self.devtype: Optional[str] = device.device_type
-        self.driver: Optional[str] = device.driver
-        self.devnode: Optional[str] = device.device_node
-        self.properties: Mapping[str, str] = device.properties
+        self.sys_path: str = _text("its sys_path", lambda: device.sys_path) or ""
+        self.sys_name: str = _text("its kernel name", lambda: device.sys_name) or ""
+        self.subsystem: str = _text("its subsystem", lambda: device.subsystem) or ""
+        self.devtype: Optional[str] = _text("its DEVTYPE", lambda: device.device_type)
+        self.driver: Optional[str] = _text("its driver", lambda: device.driver)
+        self.devnode: Optional[str] = _text("its device node", lambda: device.device_node)
+        self.properties: Mapping[str, str] = _Properties(device.properties)
 
     def attribute(self, name: str) -> Optional[str]:
         try:
             value = self.device.attributes.asstring(name)
-        except (KeyError, OSError, ValueError, UnicodeDecodeError):
+        except UnicodeDecodeError as exc:  # a ValueError: before the clause below
+            raise Undecodable(f"attribute {name}", bytes(exc.object)) from None
+        except (KeyError, OSError, ValueError):
             return None
         return value.strip() if value is not None else None
 
@@ -51,7 +128,7 @@ def numa_nodes(device) -> Tuple[int, ...]:  # type: ignore[no-untyped-def]
     while dev is not None:
         try:
             raw = dev.attributes.asstring("numa_node")
-        except (KeyError, OSError, ValueError, UnicodeDecodeError):
+        except (KeyError, OSError, ValueError):  # UnicodeDecodeError too: no NUMA information
             raw = None
         if raw is not None:
             try:
@@ -64,27 +141,77 @@ def numa_nodes(device) -> Tuple[int, ...]:  # type: ignore[no-untyped-def]
     return ()
 
 
-def child_devnodes(context, device) -> List[str]:  # type: ignore[no-untyped-def]
-    """Device nodes of the device's descendants (a PCI card's /dev/accel/accel0), sorted."""
+def descendant_devnodes(context, device) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(node, subsystem) of every descendant with a device node (a PCI card's /dev/accel/accel0),
+    in natural order of the nodes.  Raises Undecodable for a descendant that is not text."""
+    own = device.sys_path
     nodes = []
     for child in context.list_devices().match_parent(device):
-        node = child.device_node
-        if node and child.sys_path != device.sys_path:
-            nodes.append(node)
-    return sorted(nodes, key=natural_key)
+        try:
+            node = child.device_node
+            if node and child.sys_path != own:
+                nodes.append((node, child.subsystem or ""))
+        except UnicodeDecodeError as exc:
+            raise Undecodable(f"the udev data of its descendant {shown_path(safe_sys_path(child))}",
+                              bytes(exc.object)) from None
+    return sorted(nodes, key=lambda n: natural_key(n[0]))
+
+
+def child_devnodes(context, device) -> List[str]:  # type: ignore[no-untyped-def]
+    """Device nodes of every descendant, sorted (whatever the resource grants)."""
+    return [node for node, _ in descendant_devnodes(context, device)]
+
+
+def vfio_group_devnode(sys_path: str) -> Tuple[Optional[str], str]:
+    """The VFIO group node of the device at ``sys_path`` (/dev/vfio/<n> for its ``iommu_group``
+    link to /sys/kernel/iommu_groups/<n>), or None and why not.
+
+    The group node is no sysfs child of the device (it is a class device of its own), so the
+    link is the one way from the device to it.
+    """
+    try:
+        target = os.readlink(os.path.join(sys_path, "iommu_group"))
+    except OSError:
+        return None, "it has no iommu_group (the IOMMU is off, or the device is not isolated)"
+    group = os.path.basename(target)
+    if not (group.isascii() and group.isdigit()):
+        return None, f"its iommu_group link points to {shown_path(target)}, not a group number"
+    return f"/dev/vfio/{group}", ""
 
 
 def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
-             exists: Callable[[str], bool] = os.path.exists) -> Tuple[Optional[Device], str]:
-    """One udev device seen as a device of ``res``: (Device, "") if it matches, else (None, why or "")."""
+             exists: Callable[[str], bool] = os.path.exists,
+             withheld: Optional[List[str]] = None) -> Tuple[Optional[Device], str]:
+    """One udev device seen as a device of ``res``: (Device, "") if it matches, else (None, why or "").
+
+    Raises :class:`Undecodable`.  ``withheld``, when given, receives the descendants' nodes the
+    resource does not grant (``list`` shows them), as ``node (subsystem)``.
+    """
+    # The subsystem first: a refresh may hand over any device, and one of another subsystem is
+    # none of this resource's business, decodable or not.
+    if _text("its subsystem", lambda: udev.subsystem) != res.subsystem:
+        return None, ""
     view = UdevView(udev)
     if not matches(res, view):
         return None, ""
     dev_id, why = device_id(res, view)
     if dev_id is None:
         return None, f"{res.name}: {view.sys_path} skipped: {why}"
-    nodes = ([view.devnode] if view.devnode else []) + child_devnodes(context, udev)
+    nodes = [view.devnode] if view.devnode else []
     healthy, reason = rule_health(res, view)
+    if res.vfio_group_devnode:
+        group_node, no_group = vfio_group_devnode(view.sys_path)
+        if group_node is None:
+            healthy, reason = False, f"no VFIO group node: {no_group}"
+        elif group_node not in nodes:
+            nodes.append(group_node)
+    if res.child_devnodes or withheld is not None:
+        for node, subsystem in descendant_devnodes(context, udev):
+            if res.grants_child(subsystem):
+                if node not in nodes:
+                    nodes.append(node)
+            elif withheld is not None:
+                withheld.append(f"{node} ({subsystem or 'no subsystem'})")
     gone = [n for n in nodes if not exists(n)]
     missing_extra = [n for n in res.extra_devnodes if not exists(n)]
     if gone:
@@ -96,12 +223,21 @@ def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
 
 
 def _evaluate_safely(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
-                     exists: Callable[[str], bool]) -> Tuple[Optional[Device], str]:
+                     exists: Callable[[str], bool],
+                     withheld: Optional[List[str]] = None) -> Tuple[Optional[Device], str]:
     try:
-        return evaluate(context, res, udev, exists)
+        return evaluate(context, res, udev, exists, withheld)
+    except Undecodable as exc:
+        # The path itself is shown escaped; any other value follows the words naming it.
+        value = "" if exc.what == "its sys_path" else f": {escaped(exc.raw)}"
+        return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: {exc.what} is not "
+                      f"{sys.getfilesystemencoding()} text{value}")
+    except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it
+        return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: its udev data is not "
+                      f"{sys.getfilesystemencoding()} text: {escaped(bytes(exc.object))}")
     except (OSError, LookupError, ValueError, pyudev.DeviceNotFoundError) as exc:
         # A device that vanishes mid-scan: its remove event will follow.
-        log.debug("%s: %s vanished during the scan: %s", res.name, udev.sys_path, exc)
+        log.debug("%s: %s vanished during the scan: %s", res.name, shown_path(safe_sys_path(udev)), exc)
         return None, ""
 
 
@@ -110,22 +246,31 @@ def _ordered(found: Mapping[str, Device]) -> Dict[str, Device]:
 
 
 def scan_resource(context, res: ResourceConfig,  # type: ignore[no-untyped-def]
-                  exists: Callable[[str], bool] = os.path.exists) -> Tuple[Dict[str, Device], List[str]]:
-    """Every device of one resource, keyed by ID, with rule-based health; and the problems met."""
+                  exists: Callable[[str], bool] = os.path.exists,
+                  withheld: Optional[Dict[str, List[str]]] = None) -> Tuple[Dict[str, Device], List[str]]:
+    """Every device of one resource, keyed by ID, with rule-based health; and the problems met.
+
+    Two devices claiming one ID: the one first in sys_path order is advertised, and records the
+    other in its ``shadows`` so that :func:`refresh` knows to scan again when it leaves.
+    ``withheld``, when given, receives per sys_path the descendants' nodes not granted.
+    """
     problems: List[str] = []
     found: Dict[str, Device] = {}
     for udev in context.list_devices(subsystem=res.subsystem):
-        device, problem = _evaluate_safely(context, res, udev, exists)
+        left_out: Optional[List[str]] = [] if withheld is not None else None
+        device, problem = _evaluate_safely(context, res, udev, exists, left_out)
         if problem:
             problems.append(problem)
         if device is None:
             continue
+        if withheld is not None and left_out:
+            withheld[device.sys_path] = left_out
         if device.id in found:
-            other = found[device.id].sys_path
-            keep, drop = sorted((other, device.sys_path))
-            problems.append(f"{res.name}: ID {device.id!r} of {drop} collides with {keep}; only {keep} is advertised")
-            if keep == other:
-                continue
+            other = found[device.id]
+            keep, drop = (other, device) if other.sys_path <= device.sys_path else (device, other)
+            problems.append(f"{res.name}: ID {device.id!r} of {drop.sys_path} collides with {keep.sys_path}; "
+                            f"only {keep.sys_path} is advertised")
+            device = dataclasses.replace(keep, shadows=keep.shadows + drop.shadows + (drop.sys_path,))
         found[device.id] = device
     return _ordered(found), problems
 
@@ -136,7 +281,9 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
     """``current`` with only the devices at ``changes`` (sys_path -> udev action) looked at again.
 
     What keeps an event's cost independent of the resource's size.  None when only a full
-    scan can tell (two devices claiming one ID): the caller then scans the resource.
+    scan can tell: two devices claiming one ID, or a device that hid others with its ID (its
+    ``shadows``) leaving or changing its ID, so that one of them is advertised in its place.
+    The caller then scans the resource.  A sys_path may hold surrogates (:func:`safe_sys_path`).
     """
     by_path = {d.sys_path: d for d in current.values()}
     found = dict(current)
@@ -146,14 +293,23 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
         if old is not None:
             del found[old.id]
         if action == "remove":
+            if old is not None and old.shadows:
+                return None
             continue
         try:
-            udev = pyudev.Devices.from_sys_path(context, sys_path)
+            # Bytes: pyudev would encode a str strictly, and a surrogate-escaped path would fail.
+            udev = pyudev.Devices.from_sys_path(context, os.fsencode(sys_path))
         except (pyudev.DeviceNotFoundError, OSError, ValueError):
+            if old is not None and old.shadows:
+                return None
             continue  # gone already; its remove event follows
         device, problem = _evaluate_safely(context, res, udev, exists)
         if problem:
             problems.append(problem)
+        if old is not None and old.shadows:
+            if device is None or device.id != old.id:
+                return None
+            device = dataclasses.replace(device, shadows=old.shadows)
         if device is None:
             continue
         if device.id in found and found[device.id].sys_path != sys_path:

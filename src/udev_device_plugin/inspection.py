@@ -19,7 +19,12 @@ def setup_plain_logging() -> None:
 
 
 def discover(cfg: config.Config) -> List[Dict[str, Any]]:
-    """Scan every resource as the daemon would, health_command included."""
+    """Scan every resource as the daemon would, health_command included.
+
+    Per device: ``devnodes`` (its own, its VFIO group's, the descendants' its resource grants),
+    ``grants`` (what an Allocate of it hands out: those and the resource's extra_devnodes) and
+    ``withheld`` (descendants' nodes that child_devnodes leaves out, with their subsystem).
+    """
     import pyudev
 
     from . import discovery
@@ -27,7 +32,8 @@ def discover(cfg: config.Config) -> List[Dict[str, Any]]:
     context = pyudev.Context()
     rows = []
     for res in cfg.resources:
-        devices, problems = discovery.scan_resource(context, res)
+        withheld: Dict[str, List[str]] = {}
+        devices, problems = discovery.scan_resource(context, res, withheld=withheld)
         out = []
         for dev in devices.values():
             health, reason = dev.health, dev.reason
@@ -35,17 +41,23 @@ def discover(cfg: config.Config) -> List[Dict[str, Any]]:
                 result = commands.run_health_command(res, dev)
                 if not result.ok:
                     health, reason = "Unhealthy", f"health_command: {result.detail}"
-            out.append({"id": dev.id, "devnodes": list(dev.devnodes), "numa_nodes": list(dev.numa_nodes),
+            grants = list(dict.fromkeys(dev.devnodes + res.extra_devnodes))
+            out.append({"id": dev.id, "devnodes": list(dev.devnodes), "grants": grants,
+                        "withheld": withheld.get(dev.sys_path, []), "numa_nodes": list(dev.numa_nodes),
                         "health": health, "reason": reason, "syspath": dev.sys_path})
         rows.append({"resource": res.name, "devices": out, "problems": problems})
     return rows
 
 
 def device_line(dev: Dict[str, Any]) -> str:
+    """One device as ``list`` and ``inspect`` print it: ID, health, NUMA, the nodes it grants."""
     numa = ",".join(map(str, dev["numa_nodes"])) or "-"
-    line = f"{dev['id']:<16} {dev['health']:<9} numa={numa:<3} {' '.join(dev['devnodes']) or '(no device node)'}"
+    nodes = dev.get("grants", dev["devnodes"])
+    line = f"{dev['id']:<16} {dev['health']:<9} numa={numa:<3} {' '.join(nodes) or '(no device node)'}"
     if dev.get("reason"):
         line += f"  ({dev['reason']})"
+    if dev.get("withheld"):
+        line += f"  [not granted, see child_devnodes: {', '.join(dev['withheld'])}]"
     return line
 
 

@@ -10,6 +10,7 @@ import re
 from typing import Mapping, Optional, Tuple
 
 from .config import ResourceConfig, matches_globs
+from .model import quote_id
 
 try:  # Protocol is in typing from 3.8
     from typing import Protocol
@@ -65,7 +66,7 @@ def device_id(res: ResourceConfig, dev: DeviceView) -> Tuple[Optional[str], str]
     if not value:
         return None, f"{res.id} is not set"
     if not _VALID_ID.match(value):
-        return None, f"{res.id} value {value!r} is not a usable ID (letters, digits and _.:@+=,- up to 128)"
+        return None, f"{res.id} value {quote_id(value)} is not a usable ID (letters, digits and _.:@+=,- up to 128)"
     return value, ""
 
 
@@ -74,9 +75,14 @@ def rule_health(res: ResourceConfig, dev: DeviceView) -> Tuple[bool, str]:
     for name, globs in res.health_attributes:
         value = dev.attribute(name)
         if not matches_globs(value, globs):
-            return False, f"attribute {name} is {value!r}, expected {' '.join(globs)}"
+            return False, f"attribute {name} is {_shown(value)}, expected {' '.join(globs)}"
     for name, globs in res.health_properties:
         value = dev.properties.get(name)
         if not matches_globs(value, globs):
-            return False, f"property {name} is {value!r}, expected {' '.join(globs)}"
+            return False, f"property {name} is {_shown(value)}, expected {' '.join(globs)}"
     return True, ""
+
+
+def _shown(value: Optional[str]) -> str:
+    # A sysfs attribute may hold 4 KiB: reasons travel into logs, events and refusals, bounded.
+    return "None" if value is None else quote_id(value)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
 HEALTHY = "Healthy"
@@ -21,6 +22,10 @@ class Device:
     numa_nodes: Tuple[int, ...] = ()
     health: str = HEALTHY
     reason: str = ""
+    # sys_paths of devices of the same resource left out because they claim this device's ID
+    # (see discovery.scan_resource).  When this device leaves or its ID changes, only a scan can
+    # tell which of them takes its place.  Not part of equality: it changes nothing the kubelet sees.
+    shadows: Tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def healthy(self) -> bool:
@@ -56,24 +61,39 @@ def diff(old: Snapshot, new: Snapshot) -> Dict[str, ResourceDiff]:
     return out
 
 
-def natural_key(text: str) -> List[object]:
-    """Sort key that orders loop2 before loop10."""
-    parts: List[object] = []
-    num = ""
-    word = ""
-    for ch in text:
-        if "0" <= ch <= "9":  # not isdigit(): int() refuses '²'
-            if word:
-                parts.append((1, word))
-                word = ""
-            num += ch
+# How much of a request's text an error message or log line repeats: the kubelet and local
+# clients may send IDs of megabytes, and an echo of each would fill the log and the gRPC
+# status (whose metadata the peer refuses above its limit).
+QUOTE_LIMIT = 128
+
+_RUNS = re.compile(r"[0-9]+|[^0-9]+")
+
+
+def quote_id(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as a message shows it: repr() of at most ``limit`` characters, and the length when cut.
+
+    ``quote_id("a" * 300)`` is the repr() of 128 a's followed by ``... (300 characters)``; repr()
+    escapes control characters, so the result is one printable line of bounded length.
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def natural_key(text: str) -> List[Tuple[int, int, str]]:
+    """Sort key that orders loop2 before loop10.
+
+    A run of ASCII digits (not isdigit(): '\u00b2' is no number here) compares as a number: by its
+    length without leading zeros, then by its digits, which is numeric order without int() and
+    its limit on long runs (IDs come from the kubelet and local clients: any text, any length).
+    Numbers sort before words at the same position; runs that differ only in leading zeros (01, 1)
+    compare equal, so callers that need a total order break the tie with the text itself.
+    """
+    parts: List[Tuple[int, int, str]] = []
+    for run in _RUNS.findall(text):
+        if "0" <= run[0] <= "9":
+            digits = run.lstrip("0")
+            parts.append((0, len(digits), digits))
         else:
-            if num:
-                parts.append((0, int(num)))
-                num = ""
-            word += ch
-    if num:
-        parts.append((0, int(num)))
-    if word:
-        parts.append((1, word))
+            parts.append((1, 0, run))
     return parts

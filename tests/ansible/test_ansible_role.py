@@ -44,6 +44,8 @@ PLAYBOOK = os.path.join(ANSIBLE_DIR, "playbooks", "rollout.yml")
 CONNECTION_PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connection_plugins")
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 STANDIN_STATE = "/run/standin.json"
+STANDIN_SOURCE = os.path.join(REPO, "tests", "standin.py")
+STANDIN = "/usr/local/lib/udp-test/standin.py"
 CONF_DIR = "/etc/udev-device-plugin"
 SERVICE = "udev-device-plugin.service"
 PATH_UNIT = "udev-device-plugin-kubelet.path"
@@ -304,15 +306,16 @@ def start_standin(ct: Container, unit: str = "kubelet-stand-in", kubelet_dir: st
                   state_file: str = STANDIN_STATE) -> None:
     """Start a stand-in kubelet as a transient unit; return once it has written its state.
 
-    It runs from the source tree bind-mounted at /opt/udp-src: the role has not
-    installed the package yet when the first one starts.
+    The stand-in is the test one (tests/standin.py, not in the RPM), copied in; its api module
+    comes from the source tree bind-mounted at /opt/udp-src: the role has not installed the
+    package yet when the first one starts.
     """
     state = ct.host_path(state_file)
     if os.path.exists(state):
         os.unlink(state)
+    ct.copy_in(STANDIN_SOURCE, STANDIN)
     ct.run("systemd-run", "--collect", f"--unit={unit}", "--setenv=PYTHONPATH=/opt/udp-src",
-           "/usr/bin/python3", "-m", "udev_device_plugin", "kubelet-stand-in",
-           "--kubelet-dir", kubelet_dir, "--state-file", state_file)
+           "/usr/bin/python3", STANDIN, "--kubelet-dir", kubelet_dir, "--state-file", state_file)
     wait_for(lambda: os.path.exists(state), 30, f"{unit}'s state file")
 
 

@@ -20,8 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 
+from tests.standin import StandInKubelet
 from udev_device_plugin import api
-from udev_device_plugin.standin import StandInKubelet
 
 Report = Callable[[str, float, str], None]
 

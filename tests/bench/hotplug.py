@@ -25,7 +25,7 @@ import pyudev  # noqa: E402
 
 from tests.bench.core import start_daemon, stop  # noqa: E402
 from tests.hotplug import mockdev, realudev  # noqa: E402
-from udev_device_plugin.standin import StandInKubelet  # noqa: E402
+from tests.standin import StandInKubelet  # noqa: E402
 
 Report = Callable[[str, float, str], None]
 

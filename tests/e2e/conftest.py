@@ -11,8 +11,8 @@ from .helpers import RecordingKubelet
 
 
 @pytest.fixture
-def kubelet(kubelet_dir) -> Iterator[RecordingKubelet]:
-    k = RecordingKubelet(kubelet_dir).start()
+def kubelet(kubelet_dir, kubelet_behaviour) -> Iterator[RecordingKubelet]:
+    k = RecordingKubelet(kubelet_dir, behaviour=kubelet_behaviour).start()
     try:
         yield k
     finally:

@@ -14,9 +14,9 @@ import grpc
 
 from udev_device_plugin import api
 from udev_device_plugin.kubelet import SOCKET_PREFIX
-from udev_device_plugin.standin import StandInKubelet
 
 from ..conftest import DaemonProcess, wait_until
+from ..standin import NEWEST, RECEIVED_KEPT, RECORDS_KEPT, StandInKubelet, append_bounded
 
 MEM = "example.com/mem"
 LOOP = "example.com/loop"
@@ -100,10 +100,12 @@ def make_stale_socket(path: str) -> None:
 
 class RecordingKubelet(StandInKubelet):
     """The stand-in kubelet, also keeping every RegisterRequest as sent and every ListAndWatch message
-    per endpoint; it can refuse the first ``refuse`` Register calls as a kubelet that is not ready does."""
+    per endpoint (both bounded); it can refuse the first ``refuse`` Register calls as a kubelet that is
+    not ready does."""
 
-    def __init__(self, directory: str, refuse: int = 0, refusal: str = "the stand-in refuses this Register") -> None:
-        super().__init__(directory)
+    def __init__(self, directory: str, refuse: int = 0, refusal: str = "the stand-in refuses this Register",
+                 behaviour: str = NEWEST) -> None:
+        super().__init__(directory, behaviour=behaviour)
         self.requests: List[Any] = []
         self.lists: Dict[str, List[Dict[str, str]]] = {}  # endpoint -> each message as {ID: health}
         self.refuse = refuse
@@ -113,7 +115,7 @@ class RecordingKubelet(StandInKubelet):
         copy = api.RegisterRequest()
         copy.CopyFrom(request)
         with self.cond:
-            self.requests.append(copy)
+            append_bounded(self.requests, copy)
             refuse = self.refuse > 0
             if refuse:
                 self.refuse -= 1
@@ -125,20 +127,11 @@ class RecordingKubelet(StandInKubelet):
         # One critical section (the condition's lock is reentrant), so a waiter never sees the message
         # recorded here but not yet in the stand-in's own view.
         with self.cond:
-            self.lists.setdefault(client.endpoint, []).append({d.ID: d.health for d in devices})
+            if client.endpoint not in self.lists and len(self.lists) >= RECORDS_KEPT:
+                del self.lists[next(iter(self.lists))]  # the oldest endpoint's
+            append_bounded(self.lists.setdefault(client.endpoint, []), {d.ID: d.health for d in devices},
+                            RECEIVED_KEPT)
             super()._update(client, devices)
-
-    def recreate_socket(self) -> None:
-        """Delete and recreate kubelet.sock without touching the plugins' sockets or streams, as the
-        newest kubelet does when its own gRPC server fails (KUBELET.md)."""
-        assert self._server is not None and self._executor is not None
-        self._server.stop(grace=None).wait(5)
-        self._executor.shutdown(wait=True)
-        try:
-            os.unlink(self.socket)  # new grpcio removes it itself when the server stops
-        except FileNotFoundError:
-            pass
-        self.serve_registration()
 
     # --- views for the tests ---------------------------------------------------------
 

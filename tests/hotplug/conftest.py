@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from tests.conftest import DaemonProcess, wait_until
-from udev_device_plugin.standin import StandInKubelet
+from tests.standin import StandInKubelet
 
 from .. import journalwire
 from . import realudev

@@ -81,6 +81,17 @@ class Testbed:
         return self.add("accel", f"accel{index}", parent, {"dev": f"261:{index}"},
                         {"MAJOR": 261, "MINOR": index}, node=f"/dev/accel/accel{index}")
 
+    def add_raw(self, subsystem: str, name: bytes, parent: Optional[str] = None,
+                attributes: Optional[Dict[str, bytes]] = None, properties: Optional[Dict[str, bytes]] = None) -> bytes:
+        """A device whose name, attributes and properties are any bytes (no event): its sys_path, bytes."""
+        path = self.call("add_raw", subsystem=subsystem, name=name.decode("latin-1"), parent=parent,
+                         attributes={k: v.decode("latin-1") for k, v in (attributes or {}).items()},
+                         properties={k: v.decode("latin-1") for k, v in (properties or {}).items()})
+        return str(path).encode("latin-1")
+
+    def iommu_group(self, path: str, group: int) -> None:
+        self.call("iommu_group", path=path, group=group)
+
     def add_many(self, count: int) -> int:
         return int(self.call("add_many", count=count))
 

@@ -9,8 +9,8 @@ import statistics
 from typing import Callable, Dict, List
 
 from tests.conftest import wait_until
+from tests.standin import Received, StandInKubelet
 from udev_device_plugin import events
-from udev_device_plugin.standin import Received, StandInKubelet
 
 from . import realudev
 from .conftest import start_loop_daemon

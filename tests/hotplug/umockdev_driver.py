@@ -17,6 +17,10 @@ Commands (``path`` is a mock syspath such as /sys/devices/pci0000:00/0000:3b:00.
   node       node, present (bool): create or delete a device node without any event
   bind       path, driver: the device's driver link appears, then ``bind``
   unbind     path: the driver link goes, then ``unbind``
+  add_raw    subsystem, name, parent, attributes {}, properties {}: as add, but every string is bytes
+             written as latin-1 text ("\u00ff" is the byte 0xff), so that names, attributes and
+             properties may be what no UTF-8 decoder takes; no event -> the path, latin-1 again
+  iommu_group path, group: the device's iommu_group link to /sys/kernel/iommu_groups/<group>
 """
 
 import json
@@ -43,6 +47,7 @@ class Driver:
         self.testbed = UMockdev.Testbed.new()
         self.dir = GLib.getenv("UMOCKDEV_DIR")
         self.nodes = {}  # device path -> its node
+        self.raw_count = 0
 
     def node_file(self, node):
         if not node.startswith("/dev/") or ".." in node.split("/"):
@@ -87,6 +92,40 @@ class Driver:
 
     def do_uevent(self, path, action):
         self.testbed.uevent(path, action)
+        return path
+
+    def do_add_raw(self, subsystem, name, parent=None, attributes=None, properties=None):
+        # umockdev's API takes only UTF-8 strings: add under a placeholder name, then give the
+        # device its real bytes in the testbed directory (its links, uevent and attribute files).
+        raw = name.encode("latin-1")
+        self.raw_count += 1
+        placeholder = f"rawdev{self.raw_count}"
+        path = self.testbed.add_device(subsystem, placeholder, parent, [], [])
+        if not path:
+            raise RuntimeError(f"umockdev refused to add {subsystem} under {parent}")
+        root = os.fsencode(self.dir)
+        old = root + os.fsencode(path)
+        new = old[:-len(placeholder)] + raw
+        os.rename(old, new)
+        for directory in (b"/sys/class/" + subsystem.encode(), b"/sys/bus/" + subsystem.encode() + b"/devices"):
+            link = root + directory + b"/" + placeholder.encode()
+            if os.path.islink(link):
+                target = os.readlink(link)
+                os.unlink(link)
+                os.symlink(target[:-len(placeholder)] + raw, root + directory + b"/" + raw)
+        with open(new + b"/uevent", "wb") as f:
+            for key, value in (properties or {}).items():
+                f.write(key.encode("latin-1") + b"=" + str(value).encode("latin-1") + b"\n")
+        for key, value in (attributes or {}).items():
+            with open(new + b"/" + key.encode("latin-1"), "wb") as f:
+                f.write(str(value).encode("latin-1") + b"\n")
+        return (new[len(root):]).decode("latin-1")
+
+    def do_iommu_group(self, path, group):
+        groups = os.path.join(self.dir, "sys", "kernel", "iommu_groups", str(group), "devices")
+        os.makedirs(groups, exist_ok=True)
+        link = os.path.join(self.dir, path.lstrip("/"), "iommu_group")
+        os.symlink(os.path.relpath(os.path.dirname(groups), os.path.dirname(link)), link)
         return path
 
     def do_bind(self, path, driver):

@@ -31,15 +31,18 @@ MAIN_CONF = "/etc/udev-device-plugin/udev-device-plugin.conf"
 TEST_CONF = "/etc/udev-device-plugin/conf.d/test.conf"
 DROPIN_DIR = f"/etc/systemd/system/{UNIT}.d"
 
-# The node's kubelet: the stand-in from the same package, as a unit of its own
-# so that "systemctl restart kubelet" is a kubelet restart.  No start limit:
-# the storm test restarts it ten times in a few seconds.
-KUBELET_UNIT = """[Unit]
+# The node's kubelet: the test stand-in (tests/standin.py, not in the RPM), copied in and run by
+# the container's python3 with the api module of the installed package, as a unit of its own so
+# that "systemctl restart kubelet" is a kubelet restart.  No start limit: the storm test restarts
+# it ten times in a few seconds.
+STANDIN_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "standin.py")
+STANDIN = "/usr/local/lib/udp-test/standin.py"
+KUBELET_UNIT = f"""[Unit]
 Description=stand-in kubelet (integration test)
 StartLimitIntervalSec=0
 
 [Service]
-ExecStart=/usr/bin/udev-device-plugin kubelet-stand-in --kubelet-dir {dir} --state-file {state}
+ExecStart=/usr/bin/python3 {STANDIN} --kubelet-dir {{dir}} --state-file {{state}}
 """
 
 MEM_CONF = f"""[resource {RESOURCE}]
@@ -139,6 +142,7 @@ class Node:
 def node(cached_rootfs: str, rpms: Dict[str, str]) -> Iterator[Node]:
     with Container(f"udp-it-{os.getpid()}-{next(_names)}", log=say) as ct:
         ct.install_rpm(rpms["1"])
+        ct.copy_in(STANDIN_SOURCE, STANDIN)
         ct.write_file("/etc/systemd/system/kubelet.service", KUBELET_UNIT.format(dir=KUBELET_DIR, state=STATE_FILE))
         ct.write_file(TEST_CONF, MEM_CONF)
         ct.systemctl("daemon-reload")

@@ -165,6 +165,39 @@ def test_empty_request_message():
     assert (info.value.kind, str(info.value)) == ("unknown", f"{RESOURCE}: the request names no device")
 
 
+def test_a_huge_unknown_id_is_quoted_truncated():
+    # A 3.9 MB ID was echoed whole into the gRPC status and the log.
+    huge = "x" * 3_900_000
+    with pytest.raises(AllocationError) as info:
+        allocation.allocate(res(), DEVICES, [huge, "a0"])
+    message = str(info.value)
+    assert info.value.kind == "unknown" and len(message) < 300, len(message)
+    assert message == f"{RESOURCE}: unknown device ID(s) {'x' * 128!r}... (3900000 characters)"
+
+
+def test_many_unknown_ids_are_counted_not_listed():
+    ids = [f"nope{i}" for i in range(10_000)] + ["nope0"]
+    with pytest.raises(AllocationError) as info:
+        allocation.allocate(res(), DEVICES, ids)
+    message = str(info.value)
+    assert message.endswith(" and 9992 more") and "'nope7'" in message and "'nope8'" not in message
+
+
+def test_many_unhealthy_ids_are_counted_not_listed():
+    sick = table(*(dev(f"s{i}", health=UNHEALTHY, reason="r" * 100) for i in range(20)))
+    with pytest.raises(AllocationError) as info:
+        allocation.allocate(res(), sick, list(sick))
+    assert info.value.kind == "unhealthy" and str(info.value).endswith(" and 12 more")
+    assert str(info.value).count("r" * 100) == allocation.NAMED_IDS
+
+
+def test_an_unhealthy_id_with_control_characters_is_escaped():
+    odd = table(dev("a\x1b[2J", health=UNHEALTHY, reason="gone"))
+    with pytest.raises(AllocationError) as info:
+        allocation.allocate(res(), odd, ["a\x1b[2J"])
+    assert "\x1b" not in str(info.value) and "'a\\x1b[2J': gone" in str(info.value)
+
+
 def test_refusals_against_an_empty_resource():
     with pytest.raises(AllocationError) as info:
         allocation.allocate(res(), {}, ["a0"])
@@ -329,3 +362,11 @@ def test_invariants_on_random_requests():
             chosen_elsewhere = [i for i in got[len(must):] if i in devices and devices[i].numa_nodes
                                 and not set(devices[i].numa_nodes) & anchor]
             assert not (left_aligned and chosen_elsewhere), (must, got)
+
+
+def test_preferred_takes_ids_with_digit_runs_beyond_int_limit():
+    # GetPreferredAllocation failed UNKNOWN with a traceback: int() refuses more than 4,300 digits.
+    long_id = "a" + "7" * 5000
+    got = allocation.preferred(DEVICES, [long_id, "a1", "a0"], [], 3)
+    assert got == ["a0", "a1", long_id]
+    assert allocation.preferred(DEVICES, ["9" * 6000, "1" * 6000], [], 2) == ["1" * 6000, "9" * 6000]

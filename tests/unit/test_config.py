@@ -231,7 +231,8 @@ def test_resource_key_parsed(lines, attr, expected):
     ("health_command = /bin/true\nhealth_interval = 60", "health_interval", 60.0),
     ("health_command = /bin/true\nhealth_interval = 86400", "health_interval", 86400.0),
     ("health_command = /bin/true\nhealth_timeout = 2.5", "health_timeout", 2.5),
-    ("health_command = /bin/true\nhealth_timeout = 3600", "health_timeout", 3600.0),
+    ("health_command = /bin/true\nhealth_interval = 7200\nhealth_timeout = 3600", "health_timeout", 3600.0),
+    ("health_command = /bin/true\nhealth_interval = 1\nhealth_timeout = 0.5", "health_timeout", 0.5),
 ])
 def test_resource_timing_keys(lines, attr, expected):
     assert getattr(resource(lines), attr) == expected
@@ -855,3 +856,194 @@ def test_fuzz_garbage_files_through_load(tmp_path):
             config.load(str(main))
         except ConfigError as exc:
             assert all(m.startswith(str(main)) for m in exc.messages)
+
+
+# --- control characters (NUL reached Allocate answers and made every exec fail) ---------------------
+
+CONTROL_KEYS = [
+    ("plugin", "kubelet_dir", "/var/lib/kubelet/{c}device-plugins"),
+    ("plugin", "log_level", "in{c}fo"),
+    ("plugin", "register_timeout", "5{c}0"),
+    ("plugin", "health_workers", "8{c}0"),
+    ("plugin", "strict_permissions", "y{c}es"),
+    (SECTION, "subsystem", "m{c}em"),
+    (SECTION, "kernel", "nu{c}ll"),
+    (SECTION, "devtype", "di{c}sk"),
+    (SECTION, "driver", "vfio{c}pci"),
+    (SECTION, "property.ID_SERIAL", "a{c}b"),
+    (SECTION, "attribute.vendor", "0x10{c}ee"),
+    (SECTION, "health.attribute.enable", "1{c}1"),
+    (SECTION, "health.property.OK", "1{c}1"),
+    (SECTION, "id", "sys{c}_name"),
+    (SECTION, "extra_devnodes", "/dev/vfio/{c}vfio"),
+    (SECTION, "permissions", "r{c}w"),
+    (SECTION, "container_path", "/dev/x/{c}{{name}}"),
+    (SECTION, "mounts", "/a:/b{c}:ro"),
+    (SECTION, "env", "A=b{c}c"),
+    (SECTION, "annotations", "example.com/a=b{c}c"),
+    (SECTION, "prestart_command", "/bin/true {c} x"),
+    (SECTION, "health_command", "/bin/tr{c}ue"),
+    (SECTION, "child_devnodes", "acc{c}el"),
+    (SECTION, "vfio_group_devnode", "y{c}es"),
+]
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x7f", "\x85", "\x9b", "\x0b", "\x0c", "\r", "\u2028",
+                                  "\u2029"])
+@pytest.mark.parametrize("section, key, template", CONTROL_KEYS)
+def test_control_characters_are_refused_in_every_value(section, key, template, char):
+    value = template.format(c=char)
+    body = f"[{section}]\n" + ("" if section == "plugin" or key == "subsystem" else "subsystem = mem\n")
+    body += f"{key} = {value}\n"
+    messages = errors(body)
+    assert len(messages) == 1, messages
+    assert_names(messages[0], section, key, value, f"control character U+{ord(char):04X}")
+    assert "accepted: printable text" in messages[0]
+
+
+def test_trailing_whitespace_controls_are_stripped_like_spaces():
+    # configparser strips values with str.strip(), which takes \r, \x0b, \x0c, \x85, \u2028 as spaces.
+    assert resource("kernel = null\r\x0b\x0c\x85\u2028").kernel == ("null",)
+
+
+def test_a_control_character_in_a_continuation_line_is_refused():
+    message = one_error(RES_HEAD + "env = A=1\n  B=2\x00\n")
+    assert_names(message, SECTION, "env", "A=1\nB=2\x00", "control character U+0000 at position 8")
+
+
+@pytest.mark.parametrize("lines, attr, expected", [
+    ("kernel = null\tzero", "kernel", ("null", "zero")),  # a tab separates globs as a space does
+    ("env = A=x\ty", "env", (("A", Template("x\ty")),)),
+    ("env = A=1\n  B=2", "env", (("A", Template("1")), ("B", Template("2")))),
+    ("env = A=caf\u00e9 \u00b2", "env", (("A", Template("caf\u00e9 \u00b2")),)),  # printable non-ASCII is text
+])
+def test_tabs_newlines_and_printable_text_are_accepted(lines, attr, expected):
+    assert getattr(resource(lines), attr) == expected
+
+
+def test_control_characters_in_section_and_key_names_are_escaped_in_messages():
+    messages = errors("[plug\x1bin]\n" + RES_HEAD + "ker\x1bnel = x\n")
+    assert len(messages) == 2, messages
+    assert all("\x1b" not in m for m in messages)
+    assert messages[0].startswith(f"{SRC}: [plug\\x1bin]: unknown section")
+    assert messages[1].startswith(f"{SRC}: [{SECTION}] ker\\x1bnel: unknown key")
+
+
+def test_a_refused_subsystem_is_not_also_missing():
+    assert one_error(RES_HEAD.replace("mem", "mem\x00")).startswith(f"{SRC}: [{SECTION}] subsystem = 'mem\\x00'")
+
+
+def test_a_refused_command_still_counts_for_its_timeout():
+    message = one_error(RES_HEAD + "health_command = /bin/x\x00\nhealth_interval = 60\n")
+    assert_names(message, SECTION, "health_command", "/bin/x\x00", "control character U+0000")
+
+
+# --- health_timeout below health_interval ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lines, key, shown", [
+    ("health_interval = 5", "health_interval", "health_timeout 10 (the default) is not below health_interval 5"),
+    ("health_interval = 10", "health_interval", "health_timeout 10 (the default) is not below health_interval 10"),
+    ("health_timeout = 30", "health_timeout", "health_timeout 30 is not below health_interval 30 (the default)"),
+    ("health_timeout = 60", "health_timeout", "health_timeout 60 is not below health_interval 30 (the default)"),
+    ("health_interval = 2\nhealth_timeout = 2", "health_timeout", "health_timeout 2 is not below health_interval 2"),
+    ("health_interval = 0.2\nhealth_timeout = 0.5", "health_timeout",
+     "health_timeout 0.5 is not below health_interval 0.2"),
+])
+def test_health_timeout_must_be_below_health_interval(lines, key, shown):
+    message = one_error(RES_HEAD + "health_command = /bin/true\n" + lines)
+    assert_names(message, SECTION, key, None, "accepted: a health_timeout shorter than health_interval")
+    assert shown in message, message
+
+
+@pytest.mark.parametrize("lines", [
+    "",  # 10 < 30, both defaulted
+    "health_interval = 10.5",
+    "health_timeout = 29.9",
+    "health_interval = 1\nhealth_timeout = 0.9",
+])
+def test_health_timeout_below_health_interval_is_accepted(lines):
+    res = resource("health_command = /bin/true\n" + lines)
+    assert res.health_timeout < res.health_interval
+
+
+def test_health_timing_is_not_compared_when_a_value_is_bad():
+    message = one_error(RES_HEAD + "health_command = /bin/true\nhealth_interval = soon\nhealth_timeout = 50\n")
+    assert_names(message, SECTION, "health_interval", "soon", "greater than 0")
+
+
+# --- new keys: health_workers, strict_permissions, child_devnodes, vfio_group_devnode ---------------
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("8", 8), ("64", 64), ("1024", 1024), ("0064", 64)])
+def test_health_workers(value, expected):
+    assert parse(f"[plugin]\nhealth_workers = {value}\n").plugin.health_workers == expected
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "-1", "2.5", "eight", "\u00b2", "", "9" * 5000])
+def test_bad_health_workers(value):
+    message = one_error(f"[plugin]\nhealth_workers = {value}\n")
+    assert_names(message, "plugin", "health_workers", value, "accepted: a whole number from 1 to 1024")
+
+
+@pytest.mark.parametrize("value, expected", [("yes", True), ("no", False), ("No", False), ("true", True),
+                                             ("off", False), ("1", True), ("0", False)])
+def test_strict_permissions(value, expected):
+    assert parse(f"[plugin]\nstrict_permissions = {value}\n").plugin.strict_permissions is expected
+
+
+@pytest.mark.parametrize("value", ["", "maybe", "y", "2"])
+def test_bad_strict_permissions(value):
+    message = one_error(f"[plugin]\nstrict_permissions = {value}\n")
+    assert_names(message, "plugin", "strict_permissions", value, "accepted: yes or no")
+
+
+def test_strict_permissions_only_from_the_main_file():
+    with pytest.raises(ConfigError) as info:
+        config.parse([("/main.conf", "[plugin]\nstrict_permissions = yes\n"),
+                      ("/conf.d/a.conf", "[plugin]\nstrict_permissions = no\n")])
+    assert info.value.messages == [
+        "/conf.d/a.conf: [plugin] strict_permissions: only read from the main file /main.conf, which decides "
+        "how the drop-ins are judged; accepted: the key in the main file"]
+    cfg = config.parse([("/main.conf", "[plugin]\nstrict_permissions = no\n"), ("/conf.d/a.conf", "")])
+    assert cfg.plugin.strict_permissions is False
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("none", ()),
+    ("all", config.ALL_CHILDREN),
+    ("accel", ("accel",)),
+    ("accel drm accel", ("accel", "drm")),
+    ("usb-serial tty scsi_generic", ("usb-serial", "tty", "scsi_generic")),
+])
+def test_child_devnodes(value, expected):
+    assert resource(f"child_devnodes = {value}").child_devnodes == expected
+
+
+def test_child_devnodes_default_is_none():
+    res = resource("")
+    assert res.child_devnodes == () and not res.grants_child("accel") and not res.grants_child(None)
+
+
+@pytest.mark.parametrize("value, subsystem, granted", [
+    ("all", "accel", True), ("all", None, True), ("accel drm", "drm", True), ("accel drm", "block", False),
+    ("accel", "acce*", False), ("none", "block", False),
+])
+def test_grants_child(value, subsystem, granted):
+    assert resource(f"child_devnodes = {value}").grants_child(subsystem) is granted
+
+
+@pytest.mark.parametrize("value", ["", "all accel", "none accel", "acc*", "a/b", "all all", "m\u00e9m"])
+def test_bad_child_devnodes(value):
+    message = one_error(RES_HEAD + f"child_devnodes = {value}\n")
+    assert_names(message, SECTION, "child_devnodes", value, "accepted: all, none, or udev subsystem names")
+
+
+@pytest.mark.parametrize("value, expected", [("yes", True), ("no", False), ("on", True)])
+def test_vfio_group_devnode(value, expected):
+    assert resource(f"vfio_group_devnode = {value}").vfio_group_devnode is expected
+
+
+def test_bad_vfio_group_devnode():
+    message = one_error(RES_HEAD + "vfio_group_devnode = /dev/vfio\n")
+    assert_names(message, SECTION, "vfio_group_devnode", "/dev/vfio", "accepted: yes or no")

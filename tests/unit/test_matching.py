@@ -9,6 +9,7 @@ import pytest
 
 from udev_device_plugin import config, matching
 from udev_device_plugin.config import ResourceConfig
+from udev_device_plugin.model import quote_id
 
 
 @dataclass
@@ -163,7 +164,16 @@ def test_device_without_id(lines, dev, why):
 def test_unusable_id(value):
     got, why = matching.device_id(res("id = property.ID"), FakeView(properties={"ID": value}))
     assert got is None
-    assert why == f"property.ID value {value!r} is not a usable ID (letters, digits and _.:@+=,- up to 128)"
+    assert why == f"property.ID value {quote_id(value)} is not a usable ID (letters, digits and _.:@+=,- up to 128)"
+
+
+def test_a_long_value_is_quoted_truncated_in_reasons():
+    long = "x" * 4096  # a sysfs attribute holds up to a page
+    _, why = matching.device_id(res("id = property.ID"), FakeView(properties={"ID": long}))
+    assert why == f"property.ID value {'x' * 128!r}... (4096 characters) is not a usable ID " \
+                  "(letters, digits and _.:@+=,- up to 128)"
+    healthy, reason = matching.rule_health(res("health.attribute.state = ok"), FakeView(attributes={"state": long}))
+    assert not healthy and reason == f"attribute state is {'x' * 128!r}... (4096 characters), expected ok"
 
 
 @pytest.mark.parametrize("lines, dev, expected", [

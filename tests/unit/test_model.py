@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
-from udev_device_plugin.model import HEALTHY, UNHEALTHY, Device, ResourceDiff, diff, natural_key
+from udev_device_plugin.model import HEALTHY, UNHEALTHY, Device, ResourceDiff, diff, natural_key, quote_id
 
 
 def dev(resource: str, id_: str, health: str = HEALTHY, numa=(), nodes=("/dev/x",), reason: str = "") -> Device:
@@ -77,11 +80,62 @@ def test_natural_order(unsorted, expected):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("x\u00b2", [(1, "x\u00b2")]),
-    ("\u0663", [(1, "\u0663")]),
-    ("a\u00bd1", [(1, "a\u00bd"), (0, 1)]),
-    ("12ab3", [(0, 12), (1, "ab"), (0, 3)]),
+    ("x\u00b2", [(1, 0, "x\u00b2")]),
+    ("\u0663", [(1, 0, "\u0663")]),
+    ("a\u00bd1", [(1, 0, "a\u00bd"), (0, 1, "1")]),
+    ("12ab3", [(0, 2, "12"), (1, 0, "ab"), (0, 1, "3")]),
+    ("007", [(0, 1, "7")]),
+    ("0", [(0, 0, "")]),
 ])
 def test_natural_key_parts(text, expected):
     # IDs come back from the kubelet: only ASCII digits are numbers, and no text raises.
     assert natural_key(text) == expected
+
+
+def test_natural_key_takes_digit_runs_longer_than_int_allows():
+    # int() refuses more than 4,300 digits (Python 3.11+): GetPreferredAllocation once failed
+    # UNKNOWN with a traceback on such an ID.
+    long_run = "9" * 5000
+    assert sorted(["x" + long_run, "x" + "1" + "0" * 4999, "x10", "x" + "0" * 6000 + "2"], key=natural_key) == \
+        ["x" + "0" * 6000 + "2", "x10", "x" + "1" + "0" * 4999, "x" + long_run]
+
+
+@pytest.mark.parametrize("a, b", [
+    ("loop2", "loop10"), ("a9", "a10"), ("1", "a"), ("a", "a0"), ("nvme2n9", "nvme2n10"), ("x1y", "x01z"),
+    ("0000:3b:00.0", "0000:3b:00.1"), ("", "0"), ("9" * 5000, "1" + "0" * 5000),
+])
+def test_natural_key_orders_numbers_by_value(a, b):
+    assert natural_key(a) < natural_key(b)
+
+
+def test_natural_key_agrees_with_int_order_where_int_works():
+    rng = random.Random(5)
+    words = ["".join(rng.choice("0123456789ab:.") for _ in range(rng.randint(0, 8))) for _ in range(2000)]
+
+    def old_key(text):  # the former int()-based key, where it works
+        return [(0, int(r)) if r[0].isdigit() else (1, r) for r in re.findall(r"[0-9]+|[^0-9]+", text)]
+
+    assert sorted(words, key=lambda w: (natural_key(w), w)) == sorted(words, key=lambda w: (old_key(w), w))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a0", "'a0'"),
+    ("", "''"),
+    ("x\x00y\n", "'x\\x00y\\n'"),  # control characters escaped: one line in the log
+    ("b" * 128, repr("b" * 128)),
+    ("b" * 129, repr("b" * 128) + "... (129 characters)"),
+])
+def test_quote_id(text, expected):
+    assert quote_id(text) == expected
+
+
+def test_quote_id_is_bounded_for_megabytes():
+    quoted = quote_id("\x01" * 4_000_000)
+    assert len(quoted) < 4 * 128 + 40 and quoted.endswith("... (4000000 characters)")
+
+
+def test_shadows_are_not_part_of_equality():
+    # A collision recorded on a device is no change the kubelet sees: diff() ignores it.
+    plain = dev("a", "a0")
+    shadowing = Device("a", "a0", plain.sys_path, plain.sys_name, plain.devnodes, shadows=("/sys/devices/b",))
+    assert plain == shadowing and diff({"a": {"a0": plain}}, {"a": {"a0": shadowing}}) == {}

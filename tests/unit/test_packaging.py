@@ -1,11 +1,15 @@
 """The shipped files agree with the code: man page and shipped config cover every key, the unit
-uses the daemon's exit status and signals, the spec takes its version from __version__."""
+uses the daemon's exit status and signals, the spec takes its version from __version__ and requires
+on RHEL 9 and RHEL 10 what setup.cfg requires."""
 
 from __future__ import annotations
 
 import configparser
 import os
 import re
+import shutil
+import subprocess
+from typing import Dict, Optional
 
 import pytest
 
@@ -91,3 +95,54 @@ def test_path_unit_watches_kubelet_sock_and_oneshot_sends_sigusr1() -> None:
 def test_spec_version_has_one_source() -> None:
     spec = read("packaging", "rpm", "udev-device-plugin.spec")
     assert re.search(r"^Version:\s+%\{pkg_version\}$", spec, re.M)
+
+
+def setup_cfg_floors() -> Dict[str, str]:
+    """setup.cfg's install_requires (and python_requires) as the RPM names them: name -> floor."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(read("setup.cfg"))
+    floors = {"python3": parser["options"]["python_requires"].strip().removeprefix(">=")}
+    for line in parser["options"]["install_requires"].split():
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", line)
+        assert match, f"setup.cfg install_requires: {line!r} is not NAME>=FLOOR"
+        floors["python3-" + match.group(1).lower()] = match.group(2)
+    return floors
+
+
+def rpm_requires(rhel: Optional[int]) -> Dict[str, str]:
+    """What the spec requires (name -> constraint) when built for RHEL ``rhel`` (None: Debian's rpmbuild)."""
+    if shutil.which("rpmspec") is None:
+        pytest.fail("rpmspec is missing: apt-get install rpm (or dnf install rpm-build)", pytrace=False)
+    cmd = ["rpmspec", "-q", "--requires", "--define", "pkg_version 0.1.0",
+           os.path.join(ROOT, "packaging", "rpm", "udev-device-plugin.spec")]
+    if rhel is not None:
+        # What python3-devel defines on RHEL; the spec refuses to build there without it.
+        cmd[3:3] = ["--define", f"rhel {rhel}", "--define", f"dist .el{rhel}",
+                    "--define", "python3_sitelib /usr/lib/python3/site-packages"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+    requires = {}
+    for line in proc.stdout.splitlines():
+        name, _, constraint = line.partition(" ")
+        if not name.startswith("/"):  # /bin/sh of the scriptlets
+            requires[name] = constraint
+    return requires
+
+
+@pytest.mark.parametrize("rhel", [9, 10, None], ids=["el9", "el10", "debian"])
+def test_rpm_requires_setup_cfgs_floors_on_each_distribution(rhel: Optional[int]) -> None:
+    requires = rpm_requires(rhel)
+    expected = {name: f">= {floor}" for name, floor in setup_cfg_floors().items()}
+    expected["systemd"] = ""
+    # EPEL 9 has python3-sdnotify; RHEL 10 has none (the daemon speaks sd_notify itself).
+    if rhel == 9:
+        expected["python3-sdnotify"] = ">= 0.3"
+    assert requires == expected
+
+
+def test_setup_cfg_floors_are_rhel9s() -> None:
+    assert setup_cfg_floors() == {"python3": "3.9", "python3-grpcio": "1.46", "python3-protobuf": "3.14",
+                                  "python3-pyudev": "0.22", "python3-click": "8.0"}
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(read("setup.cfg"))
+    assert parser["options.extras_require"]["sdnotify"].split() == ["sdnotify>=0.3"]

@@ -1,18 +1,33 @@
-"""README's first command: the real daemon, as a subprocess, against a stand-in kubelet."""
+"""README's first command (`make demo`): the real daemon, as a subprocess, against the stand-in kubelet
+in a temporary directory, printing what a kubelet would see.
+
+    python -m tests.demo [--config FILE]     # from the repository root, in the project's venv
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable
+from typing import Callable, List, Optional
 
-from . import config
-from .standin import StandInKubelet
+if __name__ == "__main__":
+    # gRPC's core logs connection chatter at INFO; must be set before grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import udev_device_plugin  # noqa: E402
+from udev_device_plugin import config  # noqa: E402
+
+from .standin import StandInKubelet  # noqa: E402
 
 Echo = Callable[[str], None]
+# The shipped example: resources that match on any Linux machine.
+EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(udev_device_plugin.__file__)), "example.conf")
+EXIT_CONFIG = 78
 
 
 def run_demo(config_path: str, kubelet_dir: str, echo: Echo) -> int:
@@ -85,3 +100,24 @@ def run_demo(config_path: str, kubelet_dir: str, echo: Echo) -> int:
             daemon.kill()
             daemon.wait()
         kubelet.stop()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.demo", description=(
+        "Run the daemon against a stand-in kubelet in a temporary directory and show what a kubelet sees."))
+    parser.add_argument("--config", default=EXAMPLE_CONFIG,
+                        help="Config to serve (default: the shipped example, which matches on any Linux machine).")
+    args = parser.parse_args(argv)
+    try:
+        config.load(args.config)
+    except config.ConfigError as exc:
+        for message in exc.messages:
+            print(message, file=sys.stderr)
+        print(f"invalid configuration: {len(exc.messages)} error(s)", file=sys.stderr)
+        return EXIT_CONFIG
+    with tempfile.TemporaryDirectory(prefix="udev-device-plugin-demo-") as tmp:
+        return run_demo(args.config, os.path.join(tmp, "device-plugins"), lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
