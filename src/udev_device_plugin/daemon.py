@@ -45,7 +45,6 @@ EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=
 # so the kubelet gets a few full lists, not one growing list per device.
 HOTPLUG_QUIET = 0.005
 HOTPLUG_HOLDOFF = 0.02
-DEFAULT_HEALTH_WORKERS = 8
 
 
 class Daemon:
@@ -68,7 +67,7 @@ class Daemon:
         self.sink: events.Sink = sink or events.make_sink(self.cfg.plugin.events)
         self.inventory = Inventory(self.sink)
         self.coalescer = Coalescer(HOTPLUG_QUIET, HOTPLUG_HOLDOFF)
-        self.scheduler = HealthScheduler(clock, _health_workers(self.cfg))
+        self.scheduler = HealthScheduler(clock, self.cfg.plugin.health_workers)
         self._lagging: Dict[str, float] = {}
         self._exit_status = EXIT_OK
         self._stopping: Optional[asyncio.Event] = None
@@ -358,7 +357,7 @@ class Daemon:
             self.sink = events.make_sink(new.plugin.events)
             self.inventory.sink = self.sink
         _apply_log_level(new.plugin.log_level)
-        self.scheduler.workers = _health_workers(new)
+        self.scheduler.workers = new.plugin.health_workers
         if (new.plugin.kubelet_dir, new.plugin.register_timeout, new.plugin.register_backoff_max) != (
                 old.plugin.kubelet_dir, old.plugin.register_timeout, old.plugin.register_backoff_max):
             log.info("kubelet settings changed: serving every resource again")
@@ -566,10 +565,6 @@ class Daemon:
         if self.devnodes is not None:
             self.devnodes.close()
         self.sink.close()
-
-
-def _health_workers(cfg: config.Config) -> int:
-    return int(getattr(cfg.plugin, "health_workers", DEFAULT_HEALTH_WORKERS))
 
 
 def _apply_log_level(level: str) -> None:

@@ -394,6 +394,8 @@ def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
     held = env.now - (reg.stream_since if reg.stream_since is not None else env.now)
     reg.stream, reg.stream_since = None, None
     if event.by_us:
+        if reg.state is State.REGISTERED:  # not through a drain or a retirement: no stream, no registration
+            _register(reg, env, "our end of the stream was closed")
         return  # draining or retiring: whoever ended it goes on from there
     reg.streams_lost += 1
     if held >= STABLE_AFTER:

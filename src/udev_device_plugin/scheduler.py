@@ -187,3 +187,8 @@ class HealthScheduler:
     def _push(self, check: _Check) -> None:
         check.token = next(self._seq)
         heapq.heappush(self._heap, (check.due, check.token, check.key))
+        if len(self._heap) > 2 * len(self._checks) + 16:
+            # Entries superseded by later pushes are dropped lazily; past this, rebuild at once.
+            self._heap = [(c.due, c.token, c.key) for c in self._checks.values()
+                          if c.key not in self._running and not c.held]
+            heapq.heapify(self._heap)

@@ -26,7 +26,7 @@ import grpc
 
 from . import allocation, api, commands
 from .config import ResourceConfig
-from .model import Device
+from .model import Device, quote_id
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,6 @@ class ResourceState:
 
     def forget(self, device_id: str) -> None:
         self._allocated.pop(device_id, None)
-
-
-def quote_id(device_id: str, limit: int = 128) -> str:
-    """An ID for an error message or a log line: quoted, and cut short if a request sent a huge one."""
-    if len(device_id) <= limit:
-        return repr(device_id)
-    return f"{device_id[:limit]!r}... ({len(device_id)} characters)"
 
 
 def options_for(config: ResourceConfig) -> Any:

@@ -32,7 +32,8 @@ def test_ready_after_registration_watchdog_reload_stopping(kubelet, start_daemon
     [ready] = with_line(notifications.records, "READY=1")
     # READY=1 only once the kubelet had accepted the registration, with a one-line summary.
     assert kubelet.registrations[0]["time"] <= ready.time
-    assert "STATUS=1/1 resource(s) registered with the kubelet (stream connected); 3 device(s)" in ready.text.splitlines()
+    assert ("STATUS=1/1 resource(s) registered with the kubelet (stream connected); 3 device(s)"
+            in ready.text.splitlines())
 
     # WATCHDOG=1 keeps coming, every WATCHDOG_USEC/2: never early, never late enough for systemd to act.
     wait_until(lambda: len(with_line(notifications.records, "WATCHDOG=1")) >= 5, 10, "five WATCHDOG=1")

@@ -180,6 +180,7 @@ def test_sigusr1_is_idempotent(kubelet, start_daemon):
     kubelet.wait_live(LOOP, devices=8)
     for n in range(1, 4):
         os.kill(daemon.pid, signal.SIGUSR1)
-        wait_log(daemon, "every resource is registered with the current kubelet, or waiting for one; nothing to do", count=n)
+        wait_log(daemon, "every resource is registered with the current kubelet, or waiting for one; nothing to do",
+                 count=n)
     assert len(kubelet.requests) == 2
     assert kubelet.connected(MEM) and kubelet.connected(LOOP)

@@ -169,7 +169,7 @@ asyncio.run(main())
     killed, children = out.stdout.split(" ", 1)
     assert int(killed) >= 3 and children.strip() == "[]"
     for pid in map(int, pids.read_text().split()):
-        wait_until(lambda: _gone(pid), timeout=5, what=f"stray {pid} to be gone")
+        wait_until(lambda pid=pid: _gone(pid), timeout=5, what=f"stray {pid} to be gone")
 
 
 def test_too_many_abandoned_commands_refuse_new_ones():

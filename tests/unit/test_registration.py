@@ -1,0 +1,240 @@
+"""registration.py: the state machine of one resource's registration, with a fake clock and a fake kubelet."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import List, Optional
+
+import pytest
+
+from udev_device_plugin import registration as r
+from udev_device_plugin.registration import State
+
+K1 = (1, 100, 1)  # kubelet.sock: dev, inode, creations seen
+K2 = (1, 101, 2)
+
+
+class World:
+    """The outside of one registration: a clock, the kubelet.sock there now, socket numbers."""
+
+    def __init__(self, kubelet: Optional[tuple] = K1) -> None:
+        self.now = 1000.0
+        self.kubelet = kubelet
+        self.problem = ""
+        self._numbers = itertools.count(1)
+        self.reg = r.Registration("example.com/fpga", since=self.now)
+        self.log: List[r.Log] = []
+
+    def step(self, event: r.Event) -> List[r.Action]:
+        env = r.Env(now=self.now, kubelet=self.kubelet, next_endpoint=lambda: next(self._numbers),
+                    directory_problem=self.problem, backoff_max=10.0)
+        actions = r.step(self.reg, event, env)
+        self.log.extend(a for a in actions if isinstance(a, r.Log))
+        return [a for a in actions if not isinstance(a, r.Log)]
+
+    def advance(self, seconds: float) -> List[r.Action]:
+        self.now += seconds
+        return self.step(r.Tick())
+
+    def registered(self, stream: int = 1) -> None:
+        """Start -> Register -> answer -> stream: the usual way in."""
+        assert self.step(r.Start()) == [r.Serve(1), r.Register(1, 1)]
+        assert self.step(r.Answered(1, True)) == []
+        assert self.reg.state is State.CONNECTING
+        assert self.step(r.StreamOpened(1, stream)) == []
+        assert self.reg.state is State.REGISTERED and self.reg.reason == ""
+
+
+def test_without_a_kubelet_it_serves_and_waits():
+    w = World(kubelet=None)
+    assert w.step(r.Start()) == [r.Serve(1)]
+    assert w.reg.state is State.WAITING and "kubelet.sock" in w.reg.reason
+    # kubelet.sock appears: the socket served (never offered) is the one registered.
+    w.kubelet = K1
+    assert w.step(r.KubeletAppeared(K1)) == [r.Register(1, 2)]
+    assert w.reg.state is State.REGISTERING
+
+
+def test_registered_only_once_the_stream_is_there():
+    w = World()
+    w.registered()
+    assert w.reg.registrations == 1 and w.reg.stream == 1 and w.reg.stream_since == w.now
+
+
+def test_a_stream_opened_before_the_answer_counts_when_the_answer_comes():
+    """Kubelets 1.25+ dial during Register; their stream can open before our answer is handled."""
+    w = World()
+    w.step(r.Start())
+    assert w.step(r.StreamOpened(1, 7)) == []
+    assert w.reg.state is State.REGISTERING
+    w.step(r.Answered(1, True))
+    assert w.reg.state is State.REGISTERED and w.reg.stream == 7
+
+
+def test_a_stream_on_another_socket_proves_nothing():
+    w = World()
+    w.step(r.Start())
+    w.step(r.Answered(1, True))
+    w.step(r.StreamOpened(99, 3))
+    assert w.reg.state is State.CONNECTING
+
+
+def test_the_kubelet_ending_the_stream_means_register_again_on_a_fresh_socket():
+    w = World()
+    w.registered()
+    assert w.step(r.StreamEnded(1, 1, by_us=False, why="cancelled")) == []
+    assert w.reg.state is State.BACKOFF and not w.reg.registered
+    assert "the kubelet ended the ListAndWatch stream" in w.reg.reason
+    assert w.log[-1].level == logging.WARNING and "registering again on a fresh socket" in w.log[-1].message
+    assert w.reg.streams_lost == 1
+    assert w.advance(0.01) == []  # not yet
+    assert w.advance(0.02) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+
+
+def test_the_kubelet_that_accepts_but_never_dials_is_registered_with_again():
+    """Kubelet 1.20 answers Register before it dials, and only logs a failed dial."""
+    w = World()
+    w.step(r.Start())
+    w.step(r.Answered(1, True))
+    assert w.advance(r.STREAM_TIMEOUT - 1) == []
+    assert w.advance(1.0) == []
+    assert w.reg.state is State.BACKOFF and "opened no ListAndWatch stream" in w.reg.reason
+    assert w.advance(0.02) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+
+
+def test_register_failures_back_off_doubling_up_to_the_maximum():
+    w = World()
+    w.step(r.Start())
+    delays = []
+    attempt = 1
+    for _ in range(12):
+        w.step(r.Answered(attempt, False, "UNAVAILABLE: nobody there"))
+        assert w.reg.state is State.BACKOFF
+        assert w.reg.deadline is not None
+        delays.append(round(w.reg.deadline - w.now, 3))
+        actions = w.advance(w.reg.deadline - w.now)
+        attempt = actions[-1].attempt  # type: ignore[union-attr]
+    assert delays[:4] == [0.02, 0.04, 0.08, 0.16]
+    assert max(delays) == 10.0 and delays[-1] == 10.0
+
+
+def test_an_answer_to_an_older_attempt_is_ignored():
+    """The socket it named was replaced meanwhile: the new, never-offered one must not count as registered."""
+    w = World()
+    w.step(r.Start())
+    w.step(r.SocketGone(1))  # our socket deleted while Register 1 was under way
+    assert w.reg.attempt == 2
+    assert w.step(r.Answered(1, True)) == []
+    assert w.reg.state is State.REGISTERING and w.reg.registrations == 0
+
+
+def test_sigusr1_is_a_no_op_while_registered_with_the_kubelet_there():
+    w = World()
+    w.registered()
+    # A chmod or restorecon of kubelet.sock does not change its identity.
+    assert w.step(r.Verify()) == []
+    assert w.step(r.KubeletAppeared(K1)) == []
+    assert w.reg.state is State.REGISTERED and w.reg.registrations == 1
+
+
+def test_a_new_kubelet_with_a_live_stream_drains_it_first():
+    """kubernetes#121994: the old stream must be gone before the new Register."""
+    w = World()
+    w.registered()
+    w.kubelet = K2
+    assert w.step(r.KubeletAppeared(K2)) == [r.EndStreams(1)]
+    assert w.reg.state is State.DRAINING
+    # A second request while draining changes nothing.
+    assert w.step(r.Verify()) == []
+    assert w.step(r.StreamEnded(1, 1, by_us=True)) == []
+    assert w.reg.state is State.DRAINING
+    assert w.step(r.Drained(1)) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+    assert w.reg.kubelet == K2
+
+
+def test_draining_is_bounded():
+    w = World()
+    w.registered()
+    assert w.step(r.Reregister("the options changed")) == [r.EndStreams(1)]
+    assert w.advance(r.DRAIN_TIMEOUT) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+
+
+def test_reregister_when_waiting_does_nothing():
+    w = World(kubelet=None)
+    w.step(r.Start())
+    assert w.step(r.Reregister("the options changed")) == []
+
+
+def test_our_socket_removed_while_registered():
+    """A kubelet restart deletes our socket: serve on a new one, register with the kubelet there."""
+    w = World()
+    w.registered()
+    w.kubelet = K2
+    assert w.step(r.SocketGone(1)) == [r.Retire(1), r.Serve(2), r.Register(2, 2)]
+    # ... and the new kubelet.sock that follows changes nothing: that kubelet is being registered with.
+    assert w.step(r.KubeletAppeared(K2)) == []
+
+
+def test_the_kubelet_going_away_while_registering():
+    w = World()
+    w.step(r.Start())
+    w.kubelet = None
+    assert w.step(r.KubeletGone()) == []
+    assert w.reg.state is State.WAITING
+    assert w.step(r.Answered(1, True)) == []  # for the kubelet that left
+    assert w.reg.state is State.WAITING
+    w.kubelet = K2
+    # The offered socket is never offered again.
+    assert w.step(r.KubeletAppeared(K2)) == [r.Serve(2), r.Retire(1), r.Register(2, 3)]
+
+
+def test_kubelet_sock_removed_while_the_stream_lives_keeps_the_registration():
+    """The newest kubelets recreate kubelet.sock when their serve fails, keeping their streams."""
+    w = World()
+    w.registered()
+    w.kubelet = None
+    assert w.step(r.KubeletGone()) == []
+    assert w.reg.state is State.REGISTERED
+
+
+def test_directory_lost_and_back():
+    w = World()
+    w.registered()
+    w.problem = "socket directory: /var/lib/kubelet/device-plugins was moved away"
+    w.kubelet = None
+    assert w.step(r.DirectoryLost(w.problem)) == [r.Retire(1)]
+    assert w.reg.state is State.WAITING and w.reg.reason == w.problem
+    w.problem = ""
+    assert w.step(r.DirectoryBack()) == [r.Serve(2)]  # no kubelet.sock there yet
+    w.kubelet = K2
+    assert w.step(r.KubeletAppeared(K2)) == [r.Register(2, 4)]
+
+
+def test_serve_failure_backs_off():
+    w = World()
+    w.step(r.Start())
+    assert w.step(r.ServeFailed(1, "No space left on device")) == []
+    assert w.reg.state is State.BACKOFF and "cannot serve" in w.reg.reason
+    assert w.log[-1].level == logging.ERROR
+    assert w.advance(0.02) == [r.Serve(2), r.Register(2, 2)]
+
+
+@pytest.mark.parametrize("held, first_delay", [(1.0, 0.04), (r.STABLE_AFTER, 0.02)])
+def test_backoff_starts_afresh_after_a_stream_that_held(held, first_delay):
+    w = World()
+    w.registered()
+    w.step(r.StreamEnded(1, 1, by_us=False))
+    w.advance(0.02)
+    w.step(r.Answered(2, True))
+    w.step(r.StreamOpened(2, 2))
+    w.now += held
+    w.step(r.StreamEnded(2, 2, by_us=False))
+    assert w.reg.deadline is not None and round(w.reg.deadline - w.now, 3) == first_delay
+
+
+def test_a_stream_we_ended_is_not_a_loss_but_is_no_registration_either():
+    w = World()
+    w.registered()
+    assert w.step(r.StreamEnded(1, 1, by_us=True)) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+    assert w.reg.streams_lost == 0 and w.reg.state is State.REGISTERING
