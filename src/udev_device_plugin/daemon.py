@@ -84,6 +84,8 @@ class Daemon:
         self._timers: Dict[str, asyncio.TimerHandle] = {}
         self._tasks: set = set()
         self.prestarts: Optional[PrestartLimit] = None
+        self._reloading = False
+        self._reload_again = False
 
     # --- config ---------------------------------------------------------------
 
@@ -338,6 +340,17 @@ class Daemon:
 
     # --- reload ---------------------------------------------------------------------
 
+    async def _reload_loop(self) -> None:
+        self._reloading = True
+        try:
+            while True:
+                self._reload_again = False
+                await self.reload()
+                if not self._reload_again or (self._stopping is not None and self._stopping.is_set()):
+                    return
+        finally:
+            self._reloading = False
+
     async def reload(self) -> None:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
                              "STATUS=reloading the configuration")
@@ -501,26 +514,43 @@ class Daemon:
             self.loop.call_soon_threadsafe(self._stopping.set)
 
     def _on_signal(self, signum: int) -> None:
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            return  # stopping: a reload or a check now would only hold up the exit
         if signum in (signal.SIGTERM, signal.SIGINT):
             log.info("%s received: stopping", signal.Signals(signum).name)
             assert self._stopping is not None
             self._stopping.set()
         elif signum == signal.SIGHUP:
             log.info("SIGHUP received: reloading %s", self.config_path)
-            self._spawn(self.reload())
+            if self._reloading:
+                self._reload_again = True  # one more reload after this one, however many SIGHUPs came
+            else:
+                self._spawn(self._reload_loop())
         elif signum == signal.SIGUSR1:
             log.info("SIGUSR1 received: checking the registrations")
             if self.connector is not None:
                 self.connector.verify()
 
-    async def run_async(self) -> int:
-        """Serve until SIGTERM/SIGINT (or a fatal error); return the exit status."""
+    async def run_async(self, restore_signals: bool = True) -> int:
+        """Serve until SIGTERM/SIGINT (or a fatal error); return the exit status.
+
+        Signals: the C-level handler writes each signal's number to a pipe the loop reads
+        (``signal.set_wakeup_fd``; the Python-level handler does nothing), so a flood of signals
+        costs a few bytes, never a nested handler.  Not the loop's own add_signal_handler, whose
+        clean-up puts the default actions back when the loop closes: from the moment stopping
+        begins, SIGHUP and SIGUSR1 are ignored, so one arriving in the exit window cannot end the
+        process.  ``restore_signals``: put the previous handlers back at the end (an in-process
+        daemon in a test) instead.
+        """
         loop = asyncio.get_event_loop()
         loop.set_exception_handler(self._loop_exception)
         self._stopping = asyncio.Event()
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-        for s in handled:
-            loop.add_signal_handler(s, self._on_signal, s)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {s: signal.signal(s, _noop_handler) for s in handled}
+        loop.add_reader(wake_r, self._read_signals, wake_r)
         watchdog: Optional[asyncio.Future] = None
         try:
             self.start()
@@ -530,19 +560,31 @@ class Daemon:
             await self._stopping.wait()
             return self._exit_status
         finally:
-            # A SIGHUP or SIGUSR1 from here on must not kill the exiting process by its default action.
             for s in handled:
-                loop.remove_signal_handler(s)
-            for s in (signal.SIGHUP, signal.SIGUSR1):
-                signal.signal(s, signal.SIG_IGN)
+                signal.signal(s, signal.SIG_IGN if s in (signal.SIGHUP, signal.SIGUSR1) else _noop_handler)
             self.notifier.notify("STOPPING=1", "STATUS=stopping")
             if watchdog is not None:
                 watchdog.cancel()
             await self._shutdown()
+            loop.remove_reader(wake_r)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(wake_r)
+            os.close(wake_w)
+            if restore_signals:
+                for s, old in previous.items():
+                    signal.signal(s, old)
 
-    def run(self) -> int:
-        """Run the daemon on a new event loop (the ``serve`` command)."""
-        return asyncio.run(self.run_async())
+    def _read_signals(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        for signum in dict.fromkeys(data):  # each signal once per batch: a flood is one event
+            self._on_signal(signum)
+
+    def run(self, restore_signals: bool = True) -> int:
+        """Run the daemon on a new event loop."""
+        return asyncio.run(self.run_async(restore_signals))
 
     async def _shutdown(self) -> None:
         for handle in self._timers.values():
@@ -565,6 +607,10 @@ class Daemon:
         if self.devnodes is not None:
             self.devnodes.close()
         self.sink.close()
+
+
+def _noop_handler(signum: int, frame: object) -> None:
+    """A Python-level handler that does nothing: the wakeup fd carries the signal to the loop."""
 
 
 def _apply_log_level(level: str) -> None:
@@ -605,7 +651,7 @@ def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
     setup_logging(daemon.cfg.plugin.log_level)
     log.info("udev-device-plugin starting: %d resource(s), kubelet directory %s",
              len(daemon.cfg.resources), daemon.cfg.plugin.kubelet_dir)
-    return daemon.run()
+    return daemon.run(restore_signals=False)
 
 
 __all__: List[str] = ["Daemon", "serve", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG"]

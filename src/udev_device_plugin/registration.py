@@ -70,6 +70,8 @@ class Registration:
     registrations: int = 0  # Register calls the kubelet accepted
     streams_lost: int = 0  # streams the kubelet ended
     draining: int = 0  # the endpoint whose stream is being ended
+    retry_at: float = 0.0  # after a lost stream: no new Register before this (the backoff)
+    early_lost: bool = False  # a stream opened before Register's answer ended before it
 
     @property
     def registered(self) -> bool:
@@ -249,7 +251,7 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
                 _log(env, logging.INFO, f"{reg.resource}: our socket was removed (kubelet restart?); "
                      "serving on a new one")
             if reg.state is State.DRAINING:
-                _register_now(reg, env)  # nothing left to drain
+                _after_drain(reg, env)  # nothing left to drain
             else:
                 _register(reg, env, "our socket was removed")
     elif isinstance(event, DirectoryLost):
@@ -278,7 +280,7 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
         _stream_ended(reg, event, env)
     elif isinstance(event, Drained):
         if reg.state is State.DRAINING and event.endpoint == reg.draining:
-            _register_now(reg, env)
+            _after_drain(reg, env)
     elif isinstance(event, Tick):
         _tick(reg, env)
     elif isinstance(event, Verify):
@@ -350,6 +352,7 @@ def _register_now(reg: Registration, env: Env) -> None:
         if old:
             env.actions.append(Retire(old))
     reg.stream = reg.early_stream = None
+    reg.early_lost = False
     reg.stream_since = None
     reg.offered = True
     reg.attempt += 1
@@ -371,6 +374,11 @@ def _answered(reg: Registration, event: Answered, env: Env) -> None:
         _backoff(reg, env, f"Register failed: {event.why}", logging.WARNING)
         return
     reg.registrations += 1
+    if reg.early_lost:
+        # The kubelet dialled, opened its stream and dropped it again before answering: the
+        # 1.25-1.35 handler does this when an old client's late clean-up hits the new one.
+        _lost(reg, env, "the kubelet ended the ListAndWatch stream right after it opened it")
+        return
     if reg.early_stream is not None:
         _connected(reg, env, reg.early_stream)
         return
@@ -388,6 +396,7 @@ def _connected(reg: Registration, env: Env, stream: int) -> None:
 def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
     if event.stream == reg.early_stream:
         reg.early_stream = None
+        reg.early_lost = not event.by_us
         return
     if event.stream != reg.stream or event.endpoint != reg.endpoint:
         return
@@ -397,11 +406,34 @@ def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
         if reg.state is State.REGISTERED:  # not through a drain or a retirement: no stream, no registration
             _register(reg, env, "our end of the stream was closed")
         return  # draining or retiring: whoever ended it goes on from there
-    reg.streams_lost += 1
     if held >= STABLE_AFTER:
         reg.backoff = FIRST_RETRY
-    why = f"the kubelet ended the ListAndWatch stream{': ' + event.why if event.why else ''}"
-    _backoff(reg, env, why, logging.WARNING, "registering again on a fresh socket")
+    _lost(reg, env, f"the kubelet ended the ListAndWatch stream{': ' + event.why if event.why else ''}")
+
+
+def _lost(reg: Registration, env: Env, why: str) -> None:
+    """The kubelet dropped our stream: register again, on a fresh socket, once the kubelet has closed
+    the old connection (its clean-up, which on 1.25-1.35 disconnects whatever client holds the name,
+    must be over: kubernetes#121994) and not before the backoff allows."""
+    reg.streams_lost += 1
+    delay = reg.backoff
+    reg.backoff = min(reg.backoff * 2, env.backoff_max)
+    reg.retry_at = env.now + delay
+    reg.draining = reg.endpoint
+    reg.stream = reg.early_stream = None
+    reg.stream_since = None
+    if reg.endpoint:
+        env.actions.append(EndStreams(reg.endpoint))
+    _enter(reg, env, State.DRAINING, why, env.now + max(delay, env.drain_timeout))
+    _log(env, logging.WARNING, f"{reg.resource}: {why}; registering again on a fresh socket in {delay:.2f} s "
+         "(once the kubelet has closed the old connection)")
+
+
+def _after_drain(reg: Registration, env: Env) -> None:
+    if env.now < reg.retry_at:
+        _enter(reg, env, State.BACKOFF, reg.reason, reg.retry_at)
+    else:
+        _register_now(reg, env)
 
 
 def _tick(reg: Registration, env: Env) -> None:
@@ -414,7 +446,7 @@ def _tick(reg: Registration, env: Env) -> None:
         _backoff(reg, env, f"the kubelet accepted Register but opened no ListAndWatch stream within "
                  f"{env.stream_timeout:g} s (it may have failed to dial our socket)", logging.WARNING)
     elif reg.state is State.DRAINING:
-        _register_now(reg, env)
+        _after_drain(reg, env)
 
 
 def _backoff(reg: Registration, env: Env, why: str, level: int, then: str = "retrying") -> None:

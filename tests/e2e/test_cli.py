@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from ..conftest import wait_until
 from .helpers import EXIT_CONFIG, LOOP, LOOP_CONF, LOOP_IDS, MEM, MEM_CONF, cli, our_sockets
 
 RES = f"[resource {MEM}]\nsubsystem = mem\n"
@@ -190,39 +186,3 @@ def test_inspect_without_daemon(kubelet_dir):
     assert report.returncode == 1
     assert "no udev-device-plugin socket answers" in report.stderr
     assert our_sockets(kubelet_dir) == []
-
-
-def test_kubelet_stand_in_command(tmp_path, kubelet_dir, start_daemon):
-    """`kubelet-stand-in` (for machines without a kubelet): its state file shows the registration, and
-    SIGHUP restarts it as a kubelet restart would, after which the daemon registers again."""
-    state = tmp_path / "state.json"
-    with open(tmp_path / "stand-in.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "udev_device_plugin", "kubelet-stand-in",
-                                 "--kubelet-dir", kubelet_dir, "--state-file", str(state)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until(state.exists, what="the stand-in's state file")
-
-        def live(registrations: int) -> bool:
-            view = json.loads(state.read_text())
-            res = view["resources"].get(MEM, {})
-            return (len(view["registrations"]) == registrations and res.get("connected", False)
-                    and [d["health"] for d in res["devices"]] == ["Healthy"] * 3)
-
-        start_daemon(MEM_CONF)
-        wait_until(lambda: live(1), what="the registration in the state file")
-        view = json.loads(state.read_text())
-        assert view["pid"] == proc.pid and view["socket"] == os.path.join(kubelet_dir, "kubelet.sock")
-        [first] = view["registrations"]
-        assert first["resource"] == MEM and our_sockets(kubelet_dir) == [first["endpoint"]]
-        assert view["resources"][MEM]["options"] == {"pre_start_required": False,
-                                                     "get_preferred_allocation_available": True}
-        assert [d["id"] for d in view["resources"][MEM]["devices"]] == ["full", "null", "zero"]
-
-        proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: live(2), what="registration again after the stand-in's restart")
-        second = json.loads(state.read_text())["registrations"][1]
-        assert second["endpoint"] != first["endpoint"] and our_sockets(kubelet_dir) == [second["endpoint"]]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0

@@ -83,13 +83,35 @@ def test_a_stream_on_another_socket_proves_nothing():
 def test_the_kubelet_ending_the_stream_means_register_again_on_a_fresh_socket():
     w = World()
     w.registered()
-    assert w.step(r.StreamEnded(1, 1, by_us=False, why="cancelled")) == []
-    assert w.reg.state is State.BACKOFF and not w.reg.registered
+    # No new Register until the kubelet has closed the old connection: its clean-up of the old client
+    # (keyed by resource name on 1.25-1.35) would otherwise disconnect the new one (kubernetes#121994).
+    assert w.step(r.StreamEnded(1, 1, by_us=False, why="cancelled")) == [r.EndStreams(1)]
+    assert w.reg.state is State.DRAINING and not w.reg.registered
     assert "the kubelet ended the ListAndWatch stream" in w.reg.reason
     assert w.log[-1].level == logging.WARNING and "registering again on a fresh socket" in w.log[-1].message
     assert w.reg.streams_lost == 1
+    assert w.step(r.Drained(1)) == []  # closed at once; the backoff still holds
+    assert w.reg.state is State.BACKOFF
     assert w.advance(0.01) == []  # not yet
     assert w.advance(0.02) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+
+
+def test_after_a_lost_stream_the_wait_for_the_old_connection_is_bounded():
+    w = World()
+    w.registered()
+    w.step(r.StreamEnded(1, 1, by_us=False))
+    assert w.advance(0.5) == []
+    assert w.advance(r.DRAIN_TIMEOUT - 0.5) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+
+
+def test_a_stream_dropped_before_the_answer_is_a_lost_stream():
+    """1.25-1.35: the old client's late clean-up disconnects the new client while Register is answered."""
+    w = World()
+    w.step(r.Start())
+    w.step(r.StreamOpened(1, 5))
+    w.step(r.StreamEnded(1, 5, by_us=False))
+    assert w.step(r.Answered(1, True)) == [r.EndStreams(1)]
+    assert w.reg.state is State.DRAINING and w.reg.streams_lost == 1
 
 
 def test_the_kubelet_that_accepts_but_never_dials_is_registered_with_again():
@@ -225,12 +247,13 @@ def test_backoff_starts_afresh_after_a_stream_that_held(held, first_delay):
     w = World()
     w.registered()
     w.step(r.StreamEnded(1, 1, by_us=False))
+    w.step(r.Drained(1))
     w.advance(0.02)
     w.step(r.Answered(2, True))
     w.step(r.StreamOpened(2, 2))
     w.now += held
     w.step(r.StreamEnded(2, 2, by_us=False))
-    assert w.reg.deadline is not None and round(w.reg.deadline - w.now, 3) == first_delay
+    assert round(w.reg.retry_at - w.now, 3) == first_delay
 
 
 def test_a_stream_we_ended_is_not_a_loss_but_is_no_registration_either():
