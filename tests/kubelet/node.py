@@ -387,9 +387,10 @@ class Node:
         """A process that owns the mount namespace; everything else enters it with nsenter."""
         binds = [(os.path.join(self.base, "varlib"), "/var/lib"), (self.varlog, "/var/log"),
                  (os.path.join(self.base, "run"), "/run")]
-        script = ["set -e", "mount --make-rprivate /"]
-        script += [f"mount --bind '{src}' '{dst}'" for src, dst in binds]
-        script += [f"mkdir -p {KUBELET_PLUGIN_DIR}", f"mount --bind '{self.dp}' {KUBELET_PLUGIN_DIR}"]
+        # -n: no utab entries (util-linux would create /run/mount on the host before /run is ours).
+        script = ["set -e", "mount -n --make-rprivate /"]
+        script += [f"mount -n --bind '{src}' '{dst}'" for src, dst in binds]
+        script += [f"mkdir -p {KUBELET_PLUGIN_DIR}", f"mount -n --bind '{self.dp}' {KUBELET_PLUGIN_DIR}"]
         for key, value in KUBELET_SYSCTLS.items():
             with open(f"/proc/sys/{key}") as f:
                 if f.read().strip() == value:
@@ -397,7 +398,7 @@ class Node:
             fake = os.path.join(self.base, "sysctl", key.replace("/", "."))
             with open(fake, "w") as f:
                 f.write(value + "\n")
-            script.append(f"mount --bind '{fake}' /proc/sys/{key}")
+            script.append(f"mount -n --bind '{fake}' /proc/sys/{key}")
         script += ["echo ready", "exec sleep infinity"]
         log = os.path.join(self.base, "holder.log")
         self.holder = Process(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
