@@ -66,7 +66,7 @@ def test_two_resources_registered_and_allocated(node, start_daemon, loops, pods,
     ro = [m for m in seen.mounts if m.split()[4] == SHARE_MOUNT][0]
     assert "ro" in ro.split()[5].split(","), ro
     # The annotation reached the container's OCI spec; the checkpoint holds the same devices.
-    notes = h.annotations(node, nodelib.container_id(pod))
+    notes = h.oci_annotations(node, nodelib.container_id(pod))
     assert notes.get("example.com/mem-devnodes") == ",".join(f"/dev/{d}" for d in mem_ids), notes
     assert node.allocated(h.uid(pod), h.MEM) == sorted(mem_ids)
     assert node.allocated(h.uid(pod), h.LOOP) == loop_ids
@@ -267,8 +267,7 @@ def test_stream_the_kubelet_ends_is_recovered_by_a_new_registration(node, start_
     endpoint = h.current_endpoint(node, h.MEM)
     cut = h.now()
     assert node.cut_kubelet_connections(endpoint) >= 1, f"the kubelet holds no connection to {endpoint}"
-    ended = nodelib.wait_for(lambda: node.kubelet.first(nodelib.stream_ended_line(h.MEM), cut), 10,
-                             "the kubelet to log the end of the stream")
+    ended = h.stream_ended(node, h.MEM, cut)
     say(f"the kubelet ended the stream {h.ms(ended.time - cut)} after its connection was shut down")
     assert node.kubelet.first(f"Mark all resources Unhealthy for resource {h.MEM}", cut)
 
