@@ -12,6 +12,8 @@ from .model import Device, natural_key, quote_id
 
 # How many IDs a refusal names; the rest are counted (a request may name thousands).
 NAMED_IDS = 8
+# Our own IDs are at most 128 characters; unknown ones are sorted by this much of them.
+SORT_PREFIX = 256
 
 
 class AllocationError(Exception):
@@ -130,7 +132,7 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
     if len(result) >= size:
         return result
     taken = set(result)
-    candidates = sorted((i for i in avail if i not in taken), key=natural_key)
+    candidates = [i for i in avail if i not in taken]
 
     def nodes_of(i: str) -> Tuple[int, ...]:
         dev = devices.get(i)
@@ -150,7 +152,9 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
     def rank(i: str) -> Tuple[Tuple[int, int, int], List[Tuple[int, int, str]], str]:
         if not usable(i):
             # Unknown or unhealthy: Allocate would refuse these, so only to make up the size.
-            return (3, 0, 0), natural_key(i), i
+            # Any text the kubelet sends (megabytes, say): ordered by a bounded prefix, then the
+            # whole ID, which keeps the order total and the cost of a sort linear in the request.
+            return (3, 0, 0), natural_key(i[:SORT_PREFIX]), i
         ranks = [node_rank[n] for n in nodes_of(i)]
         # Devices without NUMA information come after every NUMA-local one. The ID itself
         # breaks natural-order ties (loop01/loop1), as the kubelet sends IDs in no set order.

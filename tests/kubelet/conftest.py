@@ -19,18 +19,38 @@ from tests.hotplug import realudev
 from . import build
 from .node import Node, NodeError
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+_built: Dict[str, str] = {}  # "path" or "error"
+
 
 def _fail(message: str) -> None:
     pytest.fail(message, pytrace=False)
 
 
+def pytest_collection_finish(session) -> None:
+    """Build the kubelet (once per machine: minutes) before the first test, outside every test's timeout."""
+    if not any(str(item.fspath).startswith(HERE + os.sep) for item in session.items):
+        return
+    if build.built_version(build.kubelet_path()) != build.VERSION:
+        reporter = session.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[kubelet] building kubelet {build.VERSION} into {build.CACHE_DIR} "
+                                "(once per machine, a few minutes)")
+    try:
+        _built["path"] = build.build()
+    except build.BuildError as exc:
+        _built["error"] = str(exc)
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> Iterator[Node]:
     """A running node for the whole module; torn down (processes, mounts, containers) even on failure."""
+    if "error" in _built:
+        _fail(f"cannot run the real-kubelet tests: the kubelet build failed: {_built['error']}")
     try:
-        kubelet = build.build()
+        kubelet = _built.get("path") or build.build()
     except build.BuildError as exc:
-        _fail(f"cannot run the real-kubelet tests: {exc}")
+        _fail(f"cannot run the real-kubelet tests: the kubelet build failed: {exc}")
     # Short: the daemon's socket paths under base/dp must fit in 107 bytes.
     base = str(tmp_path_factory.mktemp("node"))
     n = Node(base, kubelet)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 from tests.hotplug import realudev
 
@@ -74,7 +74,7 @@ def pushed(node: Node, resource: str, after: float, timeout: float = REGISTER_TI
                     f"kubelet run {kubelet.run} to receive a ListAndWatch message for {resource}")
 
 
-def ready(node: Node, resources: Dict[str, Iterable[str]], after: float,
+def ready(node: Node, resources: Mapping[str, Iterable[str]], after: float,
           daemon_log: Optional[str] = None) -> Dict[str, LogLine]:
     """Wait until the kubelet has a Register and a ListAndWatch message after ``after`` for each resource
     and records the given devices as healthy; return each resource's Register line."""
@@ -84,6 +84,14 @@ def ready(node: Node, resources: Dict[str, Iterable[str]], after: float,
         pushed(node, resource, lines[resource].time)
         healthy(node, resource, ids)
     return lines
+
+
+def stream_ended(node: Node, resource: str, after: float, timeout: float = 10.0) -> LogLine:
+    """The current run's first "listAndWatch ended unexpectedly" for ``resource`` at or after ``after``."""
+    assert node.kubelet is not None
+    kubelet = node.kubelet
+    return wait_for(lambda: kubelet.first(nodelib.stream_ended_line(resource), after), timeout,  # type: ignore
+                    f"kubelet run {kubelet.run} to log the end of the {resource} stream")
 
 
 def healthy(node: Node, resource: str, ids: Iterable[str], timeout: float = REGISTER_TIMEOUT) -> None:
@@ -113,7 +121,7 @@ def status_text(pod: Dict) -> str:
     return f"{status.get('reason', '')}: {status.get('message', '')}"
 
 
-def annotations(node: Node, container: str) -> Dict[str, str]:
+def oci_annotations(node: Node, container: str) -> Dict[str, str]:
     """The OCI spec annotations containerd gave a container (``ctr containers info``)."""
     info = json.loads(node.ctr("containers", "info", container))
     return dict(info.get("Spec", {}).get("annotations") or {})

@@ -387,9 +387,10 @@ class Node:
         """A process that owns the mount namespace; everything else enters it with nsenter."""
         binds = [(os.path.join(self.base, "varlib"), "/var/lib"), (self.varlog, "/var/log"),
                  (os.path.join(self.base, "run"), "/run")]
-        script = ["set -e", "mount --make-rprivate /"]
-        script += [f"mount --bind '{src}' '{dst}'" for src, dst in binds]
-        script += [f"mkdir -p {KUBELET_PLUGIN_DIR}", f"mount --bind '{self.dp}' {KUBELET_PLUGIN_DIR}"]
+        # -n: no utab entries (util-linux would create /run/mount on the host before /run is ours).
+        script = ["set -e", "mount -n --make-rprivate /"]
+        script += [f"mount -n --bind '{src}' '{dst}'" for src, dst in binds]
+        script += [f"mkdir -p {KUBELET_PLUGIN_DIR}", f"mount -n --bind '{self.dp}' {KUBELET_PLUGIN_DIR}"]
         for key, value in KUBELET_SYSCTLS.items():
             with open(f"/proc/sys/{key}") as f:
                 if f.read().strip() == value:
@@ -397,15 +398,16 @@ class Node:
             fake = os.path.join(self.base, "sysctl", key.replace("/", "."))
             with open(fake, "w") as f:
                 f.write(value + "\n")
-            script.append(f"mount --bind '{fake}' /proc/sys/{key}")
+            script.append(f"mount -n --bind '{fake}' /proc/sys/{key}")
         script += ["echo ready", "exec sleep infinity"]
         log = os.path.join(self.base, "holder.log")
         self.holder = Process(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
                                "\n".join(script)], log, self.env())
-        wait_for(lambda: "ready" in self.holder.log() or not self.holder.alive(), 10, "the namespace holder")
-        if not self.holder.alive():
-            raise NodeError(f"the mount namespace could not be set up:\n{self.holder.tail()}")
-        self.mnt_ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+        holder = self.holder
+        wait_for(lambda: "ready" in holder.log() or not holder.alive(), 10, "the namespace holder")
+        if not holder.alive():
+            raise NodeError(f"the mount namespace could not be set up:\n{holder.tail()}")
+        self.mnt_ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
 
     def env(self) -> Dict[str, str]:
         return dict(os.environ, **{MARKER: self.base})
@@ -450,11 +452,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         config = os.path.join(self.cdir, "config.toml")
         with open(config, "w") as f:
             f.write(self._containerd_config())
-        self.containerd = Process(self.enter() + ["containerd", "--config", config],
-                                  os.path.join(self.base, "containerd.log"), self.env())
-        wait_for(lambda: not self.containerd.alive() or self._ctr_ok(), 30, "containerd to serve its socket")
-        if not self.containerd.alive():
-            raise NodeError(f"containerd exited:\n{self.containerd.tail()}")
+        containerd = Process(self.enter() + ["containerd", "--config", config],
+                             os.path.join(self.base, "containerd.log"), self.env())
+        self.containerd = containerd
+        wait_for(lambda: not containerd.alive() or self._ctr_ok(), 30, "containerd to serve its socket")
+        if not containerd.alive():
+            raise NodeError(f"containerd exited:\n{containerd.tail()}")
 
     def _ctr_ok(self) -> bool:
         if not os.path.exists(self.csock):
@@ -761,7 +764,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         return problems_met
 
     def _cgroup_pids(self) -> List[int]:
-        pids = []
+        pids: List[int] = []
         for d in self.cgroup_dirs():
             for procs in glob.glob(os.path.join(d, "**", "cgroup.procs"), recursive=True):
                 try:

@@ -66,7 +66,7 @@ def test_two_resources_registered_and_allocated(node, start_daemon, loops, pods,
     ro = [m for m in seen.mounts if m.split()[4] == SHARE_MOUNT][0]
     assert "ro" in ro.split()[5].split(","), ro
     # The annotation reached the container's OCI spec; the checkpoint holds the same devices.
-    notes = h.annotations(node, nodelib.container_id(pod))
+    notes = h.oci_annotations(node, nodelib.container_id(pod))
     assert notes.get("example.com/mem-devnodes") == ",".join(f"/dev/{d}" for d in mem_ids), notes
     assert node.allocated(h.uid(pod), h.MEM) == sorted(mem_ids)
     assert node.allocated(h.uid(pod), h.LOOP) == loop_ids
@@ -231,8 +231,7 @@ container_path = /dev/udevdp/{name}
         f.write(full)
     hup = h.now()
     daemon.proc.send_signal(signal.SIGHUP)
-    line = h.registered(node, "example.com/full", hup, daemon_log=daemon.log())
-    h.healthy(node, "example.com/full", ["full"])
+    line = h.ready(node, {"example.com/full": ["full"]}, hup, daemon.log())["example.com/full"]
     say(f"SIGHUP: Register for example.com/full seen {h.ms(line.time - hup)} after the signal")
     # example.com/mem untouched: no new Register, its stream never ended, same socket, same devices.
     assert not node.kubelet.find(nodelib.registration_line(h.MEM), hup)
@@ -268,12 +267,12 @@ def test_stream_the_kubelet_ends_is_recovered_by_a_new_registration(node, start_
     endpoint = h.current_endpoint(node, h.MEM)
     cut = h.now()
     assert node.cut_kubelet_connections(endpoint) >= 1, f"the kubelet holds no connection to {endpoint}"
-    ended = nodelib.wait_for(lambda: node.kubelet.first(nodelib.stream_ended_line(h.MEM), cut), 10,
-                             "the kubelet to log the end of the stream")
+    ended = h.stream_ended(node, h.MEM, cut)
     say(f"the kubelet ended the stream {h.ms(ended.time - cut)} after its connection was shut down")
     assert node.kubelet.first(f"Mark all resources Unhealthy for resource {h.MEM}", cut)
 
     line = h.registered(node, h.MEM, cut, daemon_log=daemon.log())
+    h.pushed(node, h.MEM, line.time)
     say(f"the daemon registered again {h.ms(line.time - ended.time)} after the kubelet ended the stream")
     pods.append("after")
     name = node.add_pod("after", {h.MEM: 1})
@@ -289,12 +288,16 @@ def test_socket_removed_under_the_daemon_is_served_and_registered_again(node, st
     removed = h.now()
     os.unlink(old)
     line = h.registered(node, h.MEM, removed, daemon_log=daemon.log())
+    back = h.pushed(node, h.MEM, line.time)
     new = h.current_endpoint(node, h.MEM)
     assert new != old and os.path.exists(new)
     say(f"socket removed: Register on {os.path.basename(new)} seen {h.ms(line.time - removed)} later")
-    ended = node.kubelet.first(nodelib.stream_ended_line(h.MEM), removed)
-    # Kubelet 1.20 marks the resource unhealthy on a stream's end only if that endpoint is still the current one.
-    say("the old stream " + (f"ended {h.ms(ended.time - removed)} after the removal" if ended else "did not end"))
-    h.healthy(node, h.MEM, ["null", "zero"])
+    # The daemon ends the old stream before it registers the new socket (the order kubelets 1.25-1.35
+    # need, kubernetes#121994); kubelet 1.20 then marks the resource unhealthy until the new stream's
+    # first message, since the old endpoint was still its current one.
+    marked = node.kubelet.first(f"Mark all resources Unhealthy for resource {h.MEM}", removed)
+    say("the kubelet " + (f"had the resource unhealthy for {h.ms(back.time - marked.time)} (old stream ended "
+                          f"{h.ms(marked.time - removed)} after the removal)" if marked and marked.time <= back.time
+                          else "kept the resource healthy throughout"))
     pods.append("after")
     node.wait_running(node.add_pod("after", {h.MEM: 1}))

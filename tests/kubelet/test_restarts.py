@@ -77,8 +77,7 @@ def test_daemon_sigterm_and_sigkill(node, start_daemon, pods, say):
         stopped = h.now()
         code = daemon.stop(sig)
         assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), daemon.log()
-        ended = nodelib.wait_for(lambda t=stopped: node.kubelet.first(nodelib.stream_ended_line(h.MEM), t), 10,
-                                 "the kubelet to notice the daemon's stream ended")
+        ended = h.stream_ended(node, h.MEM, stopped)
         left = [s for s in sockets if os.path.exists(s)]
         say(f"{sig.name}: the kubelet saw the stream end {h.ms(ended.time - stopped)} after the signal; "
             f"sockets left behind: {[os.path.basename(s) for s in left] or 'none'}")

@@ -370,3 +370,10 @@ def test_preferred_takes_ids_with_digit_runs_beyond_int_limit():
     got = allocation.preferred(DEVICES, [long_id, "a1", "a0"], [], 3)
     assert got == ["a0", "a1", long_id]
     assert allocation.preferred(DEVICES, ["9" * 6000, "1" * 6000], [], 2) == ["1" * 6000, "9" * 6000]
+
+
+def test_preferred_sorts_huge_unknown_ids_by_a_bounded_prefix():
+    # 'a1' repeated is one natural-sort part per character: megabytes of it once cost seconds per call.
+    huge = ["a1" * 1_000_000 + "b", "a1" * 1_000_000 + "a"]
+    got = allocation.preferred(DEVICES, huge + ["a0"], [], 3)
+    assert got == ["a0", huge[1], huge[0]]  # known and healthy first; then the prefix, then the whole ID
