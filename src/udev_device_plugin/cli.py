@@ -11,7 +11,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import json  # noqa: E402
 import os
 import sys
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import click
 
@@ -26,31 +26,13 @@ _config_option = click.option("--config", "config_path", default=DEFAULT_CONFIG,
 
 def _load_or_exit(path: str, dropins: Optional[List[str]] = None) -> config.Config:
     try:
-        if dropins:
-            return config.parse(_read(path, dropins))
-        return config.load(path)
+        # Candidate drop-ins are judged as the daemon would judge them once in conf.d/ (permissions too).
+        return config.load(path, list(dropins or ()))
     except config.ConfigError as exc:
         for message in exc.messages:
             click.echo(message, err=True)
         click.echo(f"invalid configuration: {len(exc.messages)} error(s)", err=True)
         sys.exit(EXIT_CONFIG)
-
-
-def _read(path: str, dropins: List[str]) -> List[Any]:
-    """The main file, its conf.d drop-ins except those named like a candidate, then the candidates."""
-    names = {os.path.basename(d) for d in dropins}
-    files = [f for f in config.config_files(path) if f == path or os.path.basename(f) not in names]
-    out = []
-    errors = []
-    for name in files + list(dropins):
-        try:
-            with open(name, encoding="utf-8") as f:
-                out.append((name, f.read()))
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"{name}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-    if errors:
-        raise config.ConfigError(errors)
-    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

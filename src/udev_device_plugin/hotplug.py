@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 import pyudev
 
 from . import inotify as ino
+from .discovery import safe_sys_path, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +65,21 @@ class HotplugMonitor:
                 raise
             if device is None:
                 break
+            # A device named with bytes that are not UTF-8 (root can make one: ip link add name
+            # $'x\xff' ...) keeps its path, undecodable bytes as surrogates, so that refresh()
+            # finds it and skips it with a warning; any other undecodable field skips the event.
+            sys_path = safe_sys_path(device)
             try:
                 action = device.action or ""
-                if action in ACTIONS:
-                    events.append(UdevEvent(action, device.subsystem, device.sys_path))
+                subsystem = device.subsystem
             except (UnicodeDecodeError, ValueError) as exc:
-                log.warning("udev event for %s skipped: its data is not text (%s)", raw_sys_path(device), exc)
+                log.warning("udev event for %s skipped: its data is not text (%s)", shown_path(sys_path), exc)
+                continue
+            if action in ACTIONS:
+                events.append(UdevEvent(action, subsystem, sys_path))
         if lost:
             raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
         return events
-
-
-def raw_sys_path(device: object) -> str:
-    """The device's sysfs path with undecodable bytes escaped (for a message)."""
-    try:
-        raw = device._libudev.udev_device_get_syspath(device)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - only for a message
-        return "(unknown device)"
-    if isinstance(raw, bytes):
-        return raw.decode("utf-8", "backslashreplace")
-    return repr(raw)
 
 
 class Coalescer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import time
@@ -12,10 +11,6 @@ import grpc
 
 from . import api, commands, config
 from .kubelet import SOCKET_PREFIX
-
-
-def setup_plain_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
 
 def discover(cfg: config.Config) -> List[Dict[str, Any]]:

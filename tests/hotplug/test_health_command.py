@@ -21,7 +21,7 @@ events = journal
 subsystem = mem
 kernel = null zero
 health_command = /bin/sh {script} {state}
-health_interval = 0.2
+health_interval = 0.6
 health_timeout = 0.5
 health_threshold = 2
 """

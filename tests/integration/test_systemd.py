@@ -343,7 +343,7 @@ def test_health_events_in_journal(node: Node) -> None:
     node.ct.write_file("/usr/local/bin/udp-test-health", HEALTH_SCRIPT, mode=0o755)
     node.ct.write_file("/run/udp-test/.keep", "")
     node.ct.write_file(TEST_CONF, MEM_CONF + "health_command = /usr/local/bin/udp-test-health\n"
-                                             "health_interval = 0.5\nhealth_timeout = 5\n")
+                                             "health_interval = 0.5\nhealth_timeout = 0.4\n")
     node.start_daemon()
 
     def events(kind: str, dev: str) -> List[Dict[str, Any]]:
