@@ -244,7 +244,7 @@ class Runner:
         argv0 = run.argv[0]
         text = _printable(bytes(run.tail))
         if run.flooded:
-            return Result(False, False, f"{argv0} printed more than {OUTPUT_LIMIT // 1024} KiB and was killed: "
+            return Result(False, False, f"{argv0} printed more than {OUTPUT_LIMIT // 1048576} MiB and was killed: "
                           f"...{text[-100:]}", duration=duration)
         if timed_out:
             return Result(False, True, f"{argv0} did not finish within {timeout:g} s", duration=duration)
