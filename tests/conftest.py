@@ -187,7 +187,8 @@ def no_leaks() -> Iterator[None]:
     while True:
         # grpc.aio's completion-queue poller is one thread per process, started by the first aio
         # server or channel (an in-process daemon's) and never a second: a singleton, not a leak.
-        pollers = [t for t in threading.enumerate() if t.name.endswith("(_poll_wrapper)")]
+        pollers = [t for t in threading.enumerate()
+                   if getattr(getattr(t, "_target", None), "__name__", "") == "_poll_wrapper"]
         extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
                  and not (len(pollers) == 1 and t is pollers[0])]
         children = sorted(set(_children()) - children_before)

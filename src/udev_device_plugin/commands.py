@@ -26,7 +26,6 @@ import errno
 import logging
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set
@@ -48,9 +47,10 @@ KILL_GRACE = 1.0
 MAX_ABANDONED = 64
 _READ_CHUNK = 65536
 _POLL_INTERVAL = 0.02  # only without pidfd_open
-# How often, after a command ended, to look for its stray descendants (they are re-parented
-# to us when their parent exits, which may be a moment after the command itself did).
-_SWEEPS = (0.0, 0.05, 0.25, 1.0)
+# When, after a command ended, to look for its stray descendants (they are re-parented to us
+# when their parent exits, which may be a moment after the command itself did; a sweep that
+# killed some looks again, for what those left).
+_SWEEPS = (0.0, 0.1)
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -94,10 +94,70 @@ def _printable(data: bytes) -> str:
     return text.replace("\n", " | ")[-DETAIL_CHARS:]
 
 
+class _Process:
+    """What the runner needs of a child: its PID, its output pipe, its exit status once reaped."""
+
+    def __init__(self, pid: int, out_fd: int) -> None:
+        self.pid = pid
+        self.out_fd = out_fd
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        """Reap the child if it exited; its exit code (negative: killed by that signal)."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 255  # reaped elsewhere: the status is lost
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _inheritable_fds() -> List[int]:
+    """Descriptors above 2 without FD_CLOEXEC (Python makes its own non-inheritable; a library might not)."""
+    out: List[int] = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    out.append(fd)
+            except OSError:
+                continue
+    return out
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str]) -> _Process:
+    """Start ``argv`` in a session of its own, stdin /dev/null, stdout and stderr into one pipe.
+
+    posix_spawn (vfork underneath) rather than fork: a fork copies the daemon's page tables, which
+    costs ~1.7 ms of CPU per command on Python 3.9 (EL9) against ~0.1 ms.  Raises OSError when the
+    program cannot be executed, ValueError for an embedded NUL.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, write_fd, 2)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in (read_fd, write_fd)]
+    try:
+        pid = os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions, setsid=True)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return _Process(pid, read_fd)
+
+
 class _Run:
     """One command in flight: its process, its pipe, its exit."""
 
-    def __init__(self, runner: Runner, proc: subprocess.Popen, argv: Sequence[str]) -> None:
+    def __init__(self, runner: Runner, proc: _Process, argv: Sequence[str]) -> None:
         self.runner = runner
         self.loop = runner.loop
         self.proc = proc
@@ -107,9 +167,8 @@ class _Run:
         self.flooded = False
         self.eof = asyncio.Event()
         self.exited = asyncio.Event()
-        assert proc.stdout is not None
-        self.out_fd: Optional[int] = proc.stdout.fileno()
-        os.set_blocking(self.out_fd, False)
+        self.out_fd: Optional[int] = proc.out_fd
+        os.set_blocking(proc.out_fd, False)
         self.loop.add_reader(self.out_fd, self._read)
         self.pidfd = _pidfd(proc.pid)
         self._poll: Optional[asyncio.TimerHandle] = None
@@ -141,8 +200,7 @@ class _Run:
     def _close_output(self) -> None:
         if self.out_fd is not None:
             self.loop.remove_reader(self.out_fd)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
+            os.close(self.out_fd)
             self.out_fd = None
         self.eof.set()
 
@@ -161,8 +219,7 @@ class _Run:
                 self._poll = self.loop.call_later(_POLL_INTERVAL, self._check_exit)
             return
         self.kill()  # what the command left in its process group
-        self.proc.poll()  # reaps; sets returncode
-        if self.proc.returncode is None:  # reaped elsewhere: the status is lost
+        if self.proc.poll() is None:  # pragma: no cover - waitid said it exited
             self.proc.returncode = 255
         self._stop_watching_exit()
         self.exited.set()
@@ -211,8 +268,7 @@ class Runner:
         full_env = _base_env()
         full_env.update(env)
         try:
-            proc = subprocess.Popen(list(argv), env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+            proc = spawn(argv, full_env)
         except OSError as exc:
             return Result(False, False, f"cannot run {argv[0]}: {exc.strerror or exc}")
         except ValueError as exc:  # an embedded NUL byte (the config refuses those)

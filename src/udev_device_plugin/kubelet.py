@@ -272,6 +272,8 @@ class KubeletConnector:
             return
         before = (plugin.reg.state, plugin.reg.reason)
         actions = registration.step(plugin.reg, event, self.env())
+        log.debug("%s: %s in %s -> %s %s", name, type(event).__name__, before[0].name, plugin.reg.state.name,
+                  [type(a).__name__ for a in actions if not isinstance(a, registration.Log)])
         for action in actions:
             self._execute(plugin, action)
         self._arm_timer(plugin)

@@ -319,18 +319,8 @@ def _register(reg: Registration, env: Env, why: str) -> None:
     """Register with the kubelet there now, safely: serve first, drain a live stream first."""
     if reg.state is State.DRAINING and not env.directory_problem:
         return  # a Register follows the drain anyway, with the kubelet there then
-    if env.directory_problem:
-        if reg.endpoint:
-            env.actions.append(Retire(reg.endpoint))
-            reg.endpoint, reg.offered = 0, False
-        _enter(reg, env, State.WAITING, env.directory_problem)
-        return
-    if env.kubelet is None:
-        if not reg.endpoint:
-            _serve(reg, env)  # serve anyway: ready the moment the kubelet appears
-        reg.attempt += 1
-        reg.kubelet = None
-        _enter(reg, env, State.WAITING, "waiting for kubelet.sock")
+    if env.directory_problem or env.kubelet is None:
+        _wait(reg, env)
         return
     if reg.stream is not None and reg.endpoint:
         # kubernetes#121994: the old stream must be gone before the new Register.
@@ -341,10 +331,29 @@ def _register(reg: Registration, env: Env, why: str) -> None:
     _register_now(reg, env)
 
 
+def _wait(reg: Registration, env: Env) -> None:
+    """Nothing to register with (no kubelet.sock), or nowhere to serve (no socket directory)."""
+    reg.stream = reg.early_stream = None
+    reg.stream_since = None
+    reg.attempt += 1  # an answer still under way is for a kubelet that is gone
+    reg.kubelet = None
+    if env.directory_problem:
+        if reg.endpoint:
+            env.actions.append(Retire(reg.endpoint))
+            reg.endpoint, reg.offered = 0, False
+        _enter(reg, env, State.WAITING, env.directory_problem)
+        return
+    if reg.endpoint and reg.state is State.DRAINING:
+        env.actions.append(Retire(reg.endpoint))  # its stream is over: a fresh socket waits instead
+        reg.endpoint, reg.offered = 0, False
+    if not reg.endpoint:
+        _serve(reg, env)  # serve anyway: ready the moment the kubelet appears
+    _enter(reg, env, State.WAITING, "waiting for kubelet.sock")
+
+
 def _register_now(reg: Registration, env: Env) -> None:
     if env.kubelet is None or env.directory_problem:
-        reg.stream = None
-        _register(reg, env, "")
+        _wait(reg, env)
         return
     if not reg.endpoint or reg.offered:
         old = reg.endpoint

@@ -82,6 +82,36 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+# gRPC core's own threads (by their kernel names): its timer manager and executors start a second
+# thread under load and retire it later, within their own small bounds.
+GRPC_CORE_THREADS = ("grpc_global_tim", "default-executo", "resolver-execut", "grpc_")
+GRPC_CORE_SLACK = 2
+
+
+def threads_bounded(pid: int, baseline: Dict[str, int]) -> bool:
+    """The daemon's threads against a baseline census: exactly as many of its own, gRPC core's within
+    its slack.  (A thread per call, stream or command would show as growth of its own threads.)"""
+    now = thread_census(pid)
+    ours = {k: v for k, v in now.items() if not k.startswith(GRPC_CORE_THREADS)}
+    base_ours = {k: v for k, v in baseline.items() if not k.startswith(GRPC_CORE_THREADS)}
+    grpc_now = sum(v for k, v in now.items() if k.startswith(GRPC_CORE_THREADS))
+    grpc_base = sum(v for k, v in baseline.items() if k.startswith(GRPC_CORE_THREADS))
+    return ours == base_ours and grpc_now <= grpc_base + GRPC_CORE_SLACK
+
+
+def thread_census(pid: int) -> Dict[str, int]:
+    """The daemon's threads by kernel name (comm)."""
+    out: Dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
 def main_thread_switches(pid: int) -> int:
     """Context switches of the daemon's main thread: it only wakes for work, a timer or a signal."""
     with open(f"/proc/{pid}/task/{pid}/status") as f:

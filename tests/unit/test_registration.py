@@ -261,3 +261,17 @@ def test_a_stream_we_ended_is_not_a_loss_but_is_no_registration_either():
     w.registered()
     assert w.step(r.StreamEnded(1, 1, by_us=True)) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
     assert w.reg.streams_lost == 0 and w.reg.state is State.REGISTERING
+
+
+def test_a_lost_stream_with_the_kubelet_gone_ends_waiting():
+    """The kubelet stopped: its stream ended, then kubelet.sock went.  Once the drain is over the
+    resource waits, on a fresh socket, and says so (it was stuck 'draining' forever once)."""
+    w = World()
+    w.registered()
+    w.step(r.StreamEnded(1, 1, by_us=False))
+    w.kubelet = None
+    assert w.step(r.KubeletGone()) == []
+    assert w.advance(r.DRAIN_TIMEOUT) == [r.Retire(1), r.Serve(2)]
+    assert w.reg.state is State.WAITING and "kubelet.sock" in w.reg.reason
+    w.kubelet = K2
+    assert w.step(r.KubeletAppeared(K2)) == [r.Register(2, 3)]
