@@ -56,6 +56,9 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
+# Our own client channels (Register, the watchdog's probe) keep their connections to themselves: in
+# grpc's shared subchannel pool, a connection to a kubelet that went away could outlive the channel.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 # Calls one socket serves at once; the kubelet makes one at a time, plus its stream.
 MAX_CONCURRENT_RPCS = 64
 
@@ -352,7 +355,7 @@ class KubeletConnector:
                                       options=options_for(plugin.state.config))
         try:
             await endpoint.started  # serving before Register: the kubelet dials back during it
-            channel = grpc.aio.insecure_channel("unix:" + self.dir.at(KUBELET_SOCKET))
+            channel = grpc.aio.insecure_channel("unix:" + self.dir.at(KUBELET_SOCKET), options=CHANNEL_OPTIONS)
             try:
                 await api.Stub(channel, (api.REGISTER,)).Register(request, timeout=self.register_timeout)
             finally:
@@ -598,7 +601,7 @@ class KubeletConnector:
                          if not ep.stopped and not ep.servicer.closing), None)
         if endpoint is None:
             return None
-        channel = grpc.aio.insecure_channel("unix:" + endpoint.bind_path)
+        channel = grpc.aio.insecure_channel("unix:" + endpoint.bind_path, options=CHANNEL_OPTIONS)
         try:
             await api.Stub(channel, (api.GET_DEVICE_PLUGIN_OPTIONS,)).GetDevicePluginOptions(api.Empty(),
                                                                                              timeout=timeout)

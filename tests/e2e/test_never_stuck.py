@@ -22,9 +22,17 @@ from .helpers import MEM, MEM_CONF, cli, our_sockets, rewrite_config, thread_cen
 
 
 def inspect(kubelet_dir: str) -> dict:
-    out = cli("inspect", "--kubelet-dir", kubelet_dir, "--json")
-    assert out.returncode == 0, out.stderr
-    return {r["resource"]: r for r in json.loads(out.stdout)["resources"]}
+    """inspect's JSON by resource; retried while a socket is being replaced (none answers for a moment)."""
+    got: List[dict] = []
+
+    def answered() -> bool:
+        out = cli("inspect", "--kubelet-dir", kubelet_dir, "--json")
+        if out.returncode == 0:
+            got.append({r["resource"]: r for r in json.loads(out.stdout)["resources"]})
+        return bool(got)
+
+    wait_until(answered, what=f"a socket in {kubelet_dir} to answer inspect")
+    return got[-1]
 
 
 def resources_conf(count: int, extra: str = "") -> str:

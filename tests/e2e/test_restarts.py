@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import List, Tuple
 
 from ..conftest import wait_until
@@ -24,20 +25,27 @@ RESTARTS = 30
 
 
 def settled_counts(pid: int) -> Tuple[int, int]:
-    """Open fds and threads of the daemon once five readings in a row agree.
+    """Open fds and threads of the daemon once they held still for half a second.
 
-    Right after a registration the old server's threads and descriptors are still going away
-    (gRPC stops servers asynchronously), so a single reading can be a few higher than where the
-    process settles.
+    Right after a registration the old server's descriptors are still going away, and a closed
+    client channel's connection is released by gRPC a moment later, so a single reading can be a
+    few higher than where the process settles.
     """
-    samples: List[Tuple[int, int]] = []
+    samples: List[Tuple[float, Tuple[int, int]]] = []
 
     def stable() -> bool:
-        samples.append((fd_count(pid), thread_count(pid)))
-        return len(samples) >= 5 and len(set(samples[-5:])) == 1
+        now = time.monotonic()
+        samples.append((now, (fd_count(pid), thread_count(pid))))
+        same = [t for t, v in samples if v == samples[-1][1]]
+        run = 0
+        for _, value in reversed(samples):
+            if value != samples[-1][1]:
+                break
+            run += 1
+        return run >= 5 and now - samples[-run][0] >= 0.5 and bool(same)
 
-    wait_until(stable, 10, "the daemon's fd and thread counts to settle")
-    return samples[-1]
+    wait_until(stable, 20, "the daemon's fd and thread counts to settle")
+    return samples[-1][1]
 
 
 def test_thirty_kubelet_restarts_reregister_without_leaks(kubelet, start_daemon, kubelet_dir):
@@ -59,7 +67,9 @@ def test_thirty_kubelet_restarts_reregister_without_leaks(kubelet, start_daemon,
         assert kubelet.allocate(MEM, ["zero"]).container_responses[0].devices[0].host_path == "/dev/zero"
 
     after = settled_counts(daemon.pid)
-    assert after[0] <= baseline[0], f"open fds grew from {baseline[0]} to {after[0]} over {RESTARTS} restarts"
+    # One descriptor either way: a connection of the last restart's may still be closing (sampled
+    # every 10 restarts over 60, the count moves between two values).  A leak grows with the restarts.
+    assert after[0] <= baseline[0] + 1, f"open fds grew from {baseline[0]} to {after[0]} over {RESTARTS} restarts"
     # Threads: exact, except for the gRPC handler pool's high-water mark.  The pool (a
     # ThreadPoolExecutor) never retires a worker, and it adds one when a new ListAndWatch arrives
     # while the old stream's handler is still returning; that overlap is at most one stream per
