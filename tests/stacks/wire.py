@@ -42,6 +42,8 @@ def scalar(field: Any, index: int) -> Any:
         return -(2 ** 40 + field.number) if index == 0 else 2 ** 62 + field.number
     if kind == FieldDescriptor.TYPE_INT32:
         return -(2 ** 20 + field.number) if index == 0 else 2 ** 30 + field.number
+    if kind == FieldDescriptor.TYPE_DOUBLE:  # exactly representable: a Unix time with a fraction
+        return 1796130678.25 + field.number if index == 0 else -0.5 - field.number
     raise TypeError(f"{field.full_name}: no sample value for field type {kind}; extend tests/stacks/wire.py")
 
 

@@ -79,6 +79,19 @@ STATUS: Dict[str, List[Field]] = {
 }
 STATUS_METHODS = [("Status", "GetStatus", "StatusRequest", "StatusResponse", False)]
 
+# Upstream's k8s.io/kubelet/pkg/apis/pluginregistration/v1/api.proto (the plugin watcher's).
+PLUGINREGISTRATION: Dict[str, List[Field]] = {
+    "PluginInfo": [(1, "type", "string", False), (2, "name", "string", False), (3, "endpoint", "string", False),
+                   (4, "supported_versions", "string", True)],
+    "RegistrationStatus": [(1, "plugin_registered", "bool", False), (2, "error", "string", False)],
+    "RegistrationStatusResponse": [],
+    "InfoRequest": [],
+}
+PLUGINREGISTRATION_METHODS = [
+    ("Registration", "GetInfo", "InfoRequest", "PluginInfo", False),
+    ("Registration", "NotifyRegistrationStatus", "RegistrationStatus", "RegistrationStatusResponse", False),
+]
+
 SCALARS = {FieldDescriptor.TYPE_STRING: "string", FieldDescriptor.TYPE_BOOL: "bool",
            FieldDescriptor.TYPE_INT64: "int64", FieldDescriptor.TYPE_INT32: "int32",
            FieldDescriptor.TYPE_UINT32: "uint32", FieldDescriptor.TYPE_UINT64: "uint64",
@@ -183,7 +196,27 @@ def test_served_and_called_methods(service: str, method: str, request_type: str,
 
 
 def test_every_served_method_is_in_the_contract() -> None:
-    assert len(api.METHODS) == len(V1BETA1_METHODS) + len(STATUS_METHODS)
+    assert len(api.METHODS) == len(V1BETA1_METHODS) + len(STATUS_METHODS) + len(PLUGINREGISTRATION_METHODS)
+
+
+def test_pluginregistration_has_exactly_upstreams_messages_and_methods() -> None:
+    file = api.PluginInfo.DESCRIPTOR.file
+    assert file.package == "pluginregistration"
+    assert sorted(file.message_types_by_name) == sorted(PLUGINREGISTRATION)
+    for name, fields in PLUGINREGISTRATION.items():
+        assert fields_of(getattr(api, name).DESCRIPTOR, "pluginregistration") == fields, name
+    proto = file_proto("pluginregistration.proto")
+    found = [(s.name, m.name, m.input_type, m.output_type, m.server_streaming, m.client_streaming)
+             for s in proto.service for m in s.method]
+    assert found == [(service, method, f".pluginregistration.{request}", f".pluginregistration.{response}",
+                      streams, False) for service, method, request, response, streams in PLUGINREGISTRATION_METHODS]
+    for service, method, request, response, streams in PLUGINREGISTRATION_METHODS:
+        [m] = [m for m in api.METHODS if (m.service, m.name) == (f"pluginregistration.{service}", method)]
+        assert m.path == f"/pluginregistration.{service}/{method}" and m.streaming is streams
+    info = api.PluginInfo(type="DevicePlugin", name="example.com/fpga", endpoint="/p/x.sock",
+                          supported_versions=["v1beta1"])
+    assert info.SerializeToString() == (text(1, "DevicePlugin") + text(2, "example.com/fpga") + text(3, "/p/x.sock")
+                                        + text(4, "v1beta1"))
 
 
 # --- bytes, encoded by hand from the protobuf encoding spec -----------------------------------

@@ -1,4 +1,5 @@
-"""The kubelet's DevicePlugin API v1beta1 and our Status service, built at import time.
+"""The kubelet's DevicePlugin API v1beta1, its plugin watcher's pluginregistration API and our
+Status service, built at import time.
 
 Why not generated ``_pb2``/``_pb2_grpc`` modules: code from protoc >= 3.20 imports
 ``google.protobuf.internal.builder``, which RHEL 9's protobuf 3.14 and RHEL 10's 3.19
@@ -56,6 +57,14 @@ ContainerAllocateResponse: Any = _message("v1beta1.ContainerAllocateResponse")
 Mount: Any = _message("v1beta1.Mount")
 DeviceSpec: Any = _message("v1beta1.DeviceSpec")
 
+# --- pluginregistration (k8s.io/kubelet/pkg/apis/pluginregistration/v1/api.proto) ---------
+# What the kubelet's plugin watcher asks a socket it finds in plugins_registry.
+PluginInfo: Any = _message("pluginregistration.PluginInfo")
+RegistrationStatus: Any = _message("pluginregistration.RegistrationStatus")
+RegistrationStatusResponse: Any = _message("pluginregistration.RegistrationStatusResponse")
+InfoRequest: Any = _message("pluginregistration.InfoRequest")
+PLUGIN_TYPE = "DevicePlugin"
+
 # --- udevdeviceplugin.v1 (status.proto): what `inspect` asks our sockets -------------------
 StatusRequest: Any = _message("udevdeviceplugin.v1.StatusRequest")
 StatusResponse: Any = _message("udevdeviceplugin.v1.StatusResponse")
@@ -79,6 +88,7 @@ class Method(NamedTuple):
 REGISTRATION = "v1beta1.Registration"
 DEVICE_PLUGIN = "v1beta1.DevicePlugin"
 STATUS = "udevdeviceplugin.v1.Status"
+PLUGIN_REGISTRATION = "pluginregistration.Registration"
 
 REGISTER = Method(REGISTRATION, "Register", RegisterRequest, Empty)
 GET_DEVICE_PLUGIN_OPTIONS = Method(DEVICE_PLUGIN, "GetDevicePluginOptions", Empty, DevicePluginOptions)
@@ -89,9 +99,12 @@ ALLOCATE = Method(DEVICE_PLUGIN, "Allocate", AllocateRequest, AllocateResponse)
 PRE_START_CONTAINER = Method(DEVICE_PLUGIN, "PreStartContainer", PreStartContainerRequest,
                              PreStartContainerResponse)
 GET_STATUS = Method(STATUS, "GetStatus", StatusRequest, StatusResponse)
+GET_INFO = Method(PLUGIN_REGISTRATION, "GetInfo", InfoRequest, PluginInfo)
+NOTIFY_REGISTRATION_STATUS = Method(PLUGIN_REGISTRATION, "NotifyRegistrationStatus", RegistrationStatus,
+                                    RegistrationStatusResponse)
 
 METHODS = (REGISTER, GET_DEVICE_PLUGIN_OPTIONS, LIST_AND_WATCH, GET_PREFERRED_ALLOCATION, ALLOCATE,
-           PRE_START_CONTAINER, GET_STATUS)
+           PRE_START_CONTAINER, GET_STATUS, GET_INFO, NOTIFY_REGISTRATION_STATUS)
 
 
 def method_handler(method: Method, behaviour: Callable[..., Any], raw_request: bool = False,
