@@ -213,6 +213,7 @@ def test_pluginregistration_has_exactly_upstreams_messages_and_methods() -> None
     for service, method, request, response, streams in PLUGINREGISTRATION_METHODS:
         [m] = [m for m in api.METHODS if (m.service, m.name) == (f"pluginregistration.{service}", method)]
         assert m.path == f"/pluginregistration.{service}/{method}" and m.streaming is streams
+        assert (m.request.DESCRIPTOR.name, m.response.DESCRIPTOR.name) == (request, response)
     info = api.PluginInfo(type="DevicePlugin", name="example.com/fpga", endpoint="/p/x.sock",
                           supported_versions=["v1beta1"])
     assert info.SerializeToString() == (text(1, "DevicePlugin") + text(2, "example.com/fpga") + text(3, "/p/x.sock")
