@@ -434,11 +434,108 @@ class _PluginServer:
                 k._plugin_disconnected(client.resource)
 
 
+class _PluginWatcher:
+    """The kubelet's plugin watcher (pkg/kubelet/pluginmanager): sockets created in (or found at start
+    in) its directory are dialled, asked GetInfo (1 s), registered, and told NotifyRegistrationStatus;
+    a socket removed is deregistered.  Names starting with '.' are ignored.  One thread reads inotify;
+    each registration runs in a thread of its own, as the reconciler's operations do."""
+
+    def __init__(self, kubelet: StandInKubelet, directory: str) -> None:
+        from udev_device_plugin import inotify as ino  # the stand-in's only other import of the project
+
+        self.ino = ino
+        self.kubelet = kubelet
+        self.directory = directory
+        self.inotify = ino.Inotify()
+        self._wake_r, self._wake_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="standin-plugin-watcher", daemon=True)
+        self._lock = threading.Lock()
+        self._channels: Set[grpc.Channel] = set()  # registrations under way: closed when the kubelet stops
+        self._stopped = False
+
+    def start(self) -> None:
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        self.inotify.add_watch(self.directory, self.ino.IN_CREATE | self.ino.IN_DELETE | self.ino.IN_MOVED_TO
+                               | self.ino.IN_MOVED_FROM)
+        for name in sorted(os.listdir(self.directory)):  # traversePluginDir at start
+            self._created(name)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            channels = list(self._channels)
+        for channel in channels:  # a dying kubelet's dials end with it
+            channel.close()
+        os.write(self._wake_w, b"x")
+        self.thread.join(10)
+        self.inotify.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run(self) -> None:
+        import select
+
+        while True:
+            ready, _, _ = select.select([self.inotify.fileno(), self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            for event in self.inotify.read():
+                if event.mask & (self.ino.IN_CREATE | self.ino.IN_MOVED_TO):
+                    self._created(event.name)
+                elif event.mask & (self.ino.IN_DELETE | self.ino.IN_MOVED_FROM):
+                    self.kubelet.deregister_watched(os.path.join(self.directory, event.name))
+
+    def _created(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            return
+        if name.startswith(".") or not is_socket:
+            return
+        self.kubelet._spawn(lambda: self._register(path), f"standin-watch-{name}")
+
+    def _register(self, path: str) -> None:
+        k = self.kubelet
+        channel = grpc.insecure_channel("unix:" + path, options=[("grpc.use_local_subchannel_pool", 1)])
+        record: Dict[str, Any] = {"socket": path, "resource": "", "error": "", "time": time.time()}
+        with self._lock:
+            if self._stopped:
+                channel.close()
+                return
+            self._channels.add(channel)
+        try:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=k.dial_timeout)
+                info = api.Stub(channel).GetInfo(api.InfoRequest(), timeout=1)
+            except (*_CALL_ERRORS,) as exc:
+                record["error"] = f"GetInfo failed: {_why(exc, k.dial_timeout)}"  # the reconciler retries
+                return
+            record["resource"] = info.name
+            error = k.register_watched(path, info)
+            record["error"] = error or ""
+            try:
+                api.Stub(channel).NotifyRegistrationStatus(
+                    api.RegistrationStatus(plugin_registered=error is None, error=error or ""), timeout=5)
+            except (*_CALL_ERRORS,) as exc:
+                record["error"] = record["error"] or f"NotifyRegistrationStatus failed: {_why(exc, 5)}"
+        finally:
+            with self._lock:
+                self._channels.discard(channel)
+            channel.close()
+            with k.cond:
+                append_bounded(k.watcher_events, record)
+                k.cond.notify_all()
+            k._write_state()
+
+
 class StandInKubelet:
     """A kubelet's device manager, as far as a device plugin can tell (see the module docstring)."""
 
     def __init__(self, directory: str, state_file: Optional[str] = None, behaviour: str = NEWEST,
-                 cleanup: Optional[str] = None, dial_timeout: float = DIAL_TIMEOUT) -> None:
+                 cleanup: Optional[str] = None, dial_timeout: float = DIAL_TIMEOUT,
+                 plugins_registry: Optional[str] = None) -> None:
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour {behaviour!r}: accepted: {', '.join(BEHAVIOURS)}")
         if cleanup is not None and cleanup not in CLEANUPS:
@@ -472,6 +569,11 @@ class StandInKubelet:
         self._write_lock = threading.Lock()
         self._state_error = ""
         self.started = 0.0
+        # The plugin watcher (pluginmanager): sockets found in ``plugins_registry`` are registered.
+        self.plugins_registry = plugins_registry
+        self._watcher: Optional[_PluginWatcher] = None
+        self.watched: Dict[str, str] = {}  # registration socket path -> resource name registered from it
+        self.watcher_events: List[Dict[str, Any]] = []  # every GetInfo/Notify round: socket, resource, error
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -486,6 +588,9 @@ class StandInKubelet:
         with self.cond:
             self._stopping = False
         self.serve_registration()
+        if self.plugins_registry is not None:
+            self._watcher = _PluginWatcher(self, self.plugins_registry)
+            self._watcher.start()
         self.started = time.time()
         self._write_state()
         return self
@@ -529,6 +634,11 @@ class StandInKubelet:
         """Stop as a dying kubelet does: its connections close (the streams break), kubelet.sock goes."""
         with self.cond:
             self._stopping = True
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+            with self.cond:
+                self.watched.clear()
         self._handler.stop()
         with self.cond:
             everything = list(self._live)
@@ -622,6 +732,53 @@ class StandInKubelet:
             if request.resource_name not in self.devices and len(self.devices) >= MAX_RESOURCES:
                 return f"the stand-in keeps at most {MAX_RESOURCES} resources"
         return self._handler.register(request)
+
+    def register_watched(self, socket_path: str, info: Any) -> Optional[str]:
+        """The plugin watcher's RegisterPlugin for a socket it found: validate the PluginInfo, then
+        register its endpoint with the device manager (dialled at once, with its options, in every
+        release: ``RegisterPlugin`` is synchronous even in 1.20).  Return the error, or None."""
+        if info.type != api.PLUGIN_TYPE:
+            return f"no handler registered for plugin type: {info.type}"
+        if not any(v in SUPPORTED_VERSIONS for v in info.supported_versions):
+            return f"manager version, v1beta1, is not among plugin supported versions {list(info.supported_versions)}"
+        if not is_extended_resource_name(info.name):
+            return f"invalid name of device plugin socket: {info.name}"
+        endpoint = info.endpoint or socket_path
+        request = api.RegisterRequest(version="v1beta1", endpoint=endpoint, resource_name=info.name)
+        if self.behaviour != "1.20":
+            error = self.register(request)
+        else:
+            client = self._new_client(info.name, endpoint)
+            if client is None:
+                return "the kubelet is stopping"
+            try:
+                client.dial(self.dial_timeout)
+                client.get_options()
+            except (_Closed, *_CALL_ERRORS) as exc:
+                client.close()
+                return f"failed to dial device plugin with socketPath {endpoint}: {_why(exc, self.dial_timeout)}"
+            with self.cond:
+                self._plugin_connected(client)
+                try:
+                    client.run()
+                except (_Closed, ValueError):
+                    return "the kubelet is stopping"
+            self._accepted(request)
+            error = None
+        if error is None:
+            with self.cond:
+                self.watched[socket_path] = info.name
+        return error
+
+    def deregister_watched(self, socket_path: str) -> None:
+        """The plugin watcher saw a registered socket go: DeRegisterPlugin(name) stops whatever endpoint
+        the resource name has now (1.20 ``eI.e.stop()``; plugin/v1beta1 ``disconnectClient``)."""
+        with self.cond:
+            name = self.watched.pop(socket_path, None)
+            client = self.clients.get(name) if name is not None else None
+        if client is not None:
+            log.info("stand-in: plugin watcher: %s removed: deregistering %s", socket_path, name)
+            client.close()
 
     def _new_client(self, resource: str, endpoint: str) -> Optional[_Client]:
         with self.cond:

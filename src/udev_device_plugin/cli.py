@@ -87,13 +87,21 @@ def list_cmd(config_path: str, as_json: bool) -> None:
 @main.command("inspect")
 @_config_option
 @click.option("--kubelet-dir", default=None, help="Where the daemon's sockets are (default: from the config).")
+@click.option("--plugins-registry-dir", default=None,
+              help="Where its plugin-watcher sockets are (default: from the config, when it registers that way).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each socket to answer.")
-def inspect_cmd(config_path: str, kubelet_dir: Optional[str], as_json: bool, timeout: float) -> None:
+def inspect_cmd(config_path: str, kubelet_dir: Optional[str], plugins_registry_dir: Optional[str], as_json: bool,
+                timeout: float) -> None:
     """Connect to the running daemon's sockets as the kubelet would and show what it serves."""
-    if kubelet_dir is None:
-        kubelet_dir = _load_or_exit(config_path).plugin.kubelet_dir
-    report = inspection.inspect(kubelet_dir, timeout)
+    if kubelet_dir is None or plugins_registry_dir is None:
+        plugin = _load_or_exit(config_path).plugin if kubelet_dir is None or os.path.exists(config_path) else None
+        if kubelet_dir is None:
+            assert plugin is not None
+            kubelet_dir = plugin.kubelet_dir
+        if plugins_registry_dir is None and plugin is not None and plugin.registration != "kubelet-socket":
+            plugins_registry_dir = plugin.plugins_registry_dir
+    report = inspection.inspect(kubelet_dir, timeout, plugins_registry_dir or "")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

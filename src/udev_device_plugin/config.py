@@ -24,6 +24,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 DEFAULT_CONFIG = "/etc/udev-device-plugin/udev-device-plugin.conf"
 DROPIN_DIR_NAME = "conf.d"
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+PLUGINS_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+# How a resource registers: Register on kubelet.sock, a socket the kubelet's plugin watcher finds
+# in plugins_registry, or the watcher first with kubelet.sock as the fallback.
+REGISTRATIONS = ("kubelet-socket", "plugin-watcher", "both")
 KUBELET_SOCKET = "kubelet.sock"
 # The kubelet gives PreStartContainer 30 s; leave room for the reply.
 KUBELET_PRESTART_TIMEOUT = 30.0
@@ -139,6 +143,8 @@ class PluginConfig:
     ready_timeout: float = 15.0
     health_workers: int = 8
     strict_permissions: bool = True
+    registration: str = "kubelet-socket"
+    plugins_registry_dir: str = PLUGINS_REGISTRY_DIR
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,9 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
     "health_workers": ("8", "how many health_command runs at once, 1-1024"),
     "strict_permissions": ("yes", "refuse config files and directories others than root may write (main file only)"),
+    "registration": ("kubelet-socket", "how resources register: kubelet-socket (Register on kubelet.sock), "
+                     "plugin-watcher (a socket in plugins_registry_dir), or both (the watcher, then kubelet.sock)"),
+    "plugins_registry_dir": (PLUGINS_REGISTRY_DIR, "directory the kubelet's plugin watcher watches"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -380,6 +389,14 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             flag = _boolean(c, section, key, value)
             if flag is not None:
                 into[key] = flag
+        elif key == "registration":
+            if value not in REGISTRATIONS:
+                c.error(section, key, value, "accepted: " + ", ".join(REGISTRATIONS))
+            else:
+                into[key] = value
+        elif key == "plugins_registry_dir":
+            if _abs_path(c, section, key, value, value, "directory"):
+                into[key] = value
         else:
             c.error(section, key, None, "unknown key; accepted: " + ", ".join(PLUGIN_KEYS))
 

@@ -132,10 +132,13 @@ class Daemon:
 
     def _new_connector(self) -> KubeletConnector:
         assert self.runner is not None and self.prestarts is not None
-        connector = KubeletConnector(self.cfg.plugin.kubelet_dir, self.runner, self.prestarts,
+        plugin = self.cfg.plugin
+        connector = KubeletConnector(plugin.kubelet_dir, self.runner, self.prestarts,
                                      on_change=self._on_registration_change, fatal=self.fatal,
-                                     register_timeout=self.cfg.plugin.register_timeout,
-                                     backoff_max=self.cfg.plugin.register_backoff_max, clock=self.clock)
+                                     register_timeout=plugin.register_timeout,
+                                     backoff_max=plugin.register_backoff_max, clock=self.clock,
+                                     paths=_registration_paths(plugin.registration),
+                                     registry_dir=plugin.plugins_registry_dir)
         connector.start()
         return connector
 
@@ -371,8 +374,7 @@ class Daemon:
             self.inventory.sink = self.sink
         _apply_log_level(new.plugin.log_level)
         self.scheduler.workers = new.plugin.health_workers
-        if (new.plugin.kubelet_dir, new.plugin.register_timeout, new.plugin.register_backoff_max) != (
-                old.plugin.kubelet_dir, old.plugin.register_timeout, old.plugin.register_backoff_max):
+        if _connector_settings(new) != _connector_settings(old):
             log.info("kubelet settings changed: serving every resource again")
             for name in list(self.states):
                 await self._stop_resource(name)
@@ -607,6 +609,20 @@ class Daemon:
         if self.devnodes is not None:
             self.devnodes.close()
         self.sink.close()
+
+
+def _registration_paths(setting: str) -> Tuple[str, ...]:
+    """[plugin] registration as the ways to register, preferred first."""
+    from .registration import KUBELET_SOCKET_PATH, PLUGIN_WATCHER
+
+    return {"kubelet-socket": (KUBELET_SOCKET_PATH,), "plugin-watcher": (PLUGIN_WATCHER,),
+            "both": (PLUGIN_WATCHER, KUBELET_SOCKET_PATH)}[setting]
+
+
+def _connector_settings(cfg: config.Config) -> Tuple[object, ...]:
+    """What the kubelet side is built with: a change rebuilds it (every resource served afresh)."""
+    p = cfg.plugin
+    return (p.kubelet_dir, p.register_timeout, p.register_backoff_max, p.registration, p.plugins_registry_dir)
 
 
 def _noop_handler(signum: int, frame: object) -> None:

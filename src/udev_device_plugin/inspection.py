@@ -72,13 +72,18 @@ def our_sockets(kubelet_dir: str) -> List[str]:
     return out
 
 
-def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
+def inspect(kubelet_dir: str, timeout: float, registry_dir: str = "") -> Dict[str, Any]:
     """Ask each of our sockets, as the kubelet would, for its options, and for its registration and devices.
 
-    No ListAndWatch: a stream opened here could be taken for the kubelet's.
+    The sockets in ``kubelet_dir`` and, given one, in the plugin watcher's ``registry_dir``.  No
+    ListAndWatch: a stream opened here could be taken for the kubelet's.
     """
     report: Dict[str, Any] = {"kubelet_dir": kubelet_dir, "resources": [], "unanswered": []}
-    for path in our_sockets(kubelet_dir):
+    paths = our_sockets(kubelet_dir)
+    if registry_dir:
+        report["plugins_registry_dir"] = registry_dir
+        paths += our_sockets(registry_dir)
+    for path in paths:
         channel = grpc.insecure_channel("unix:" + path)
         try:
             stub = api.Stub(channel)
@@ -98,6 +103,7 @@ def inspect(kubelet_dir: str, timeout: float) -> Dict[str, Any]:
             "stream_since": status.stream_since,
             "endpoint": status.endpoint,
             "streams_lost": status.streams_lost,
+            "registered_via": status.registered_via,
             "last_error": status.last_error,
             "registrations": status.registrations,
             "pid": status.pid,
@@ -116,8 +122,9 @@ def _when(stamp: float) -> str:
 
 def print_inspect(report: Dict[str, Any], echo: Callable[[str], None]) -> None:
     for res in report["resources"]:
+        via = f" through the {res['registered_via'].replace('-', ' ')}" if res.get("registered_via") else ""
         if res["registered"]:
-            state = f"registered; stream connected since {_when(res['stream_since'])}"
+            state = f"registered{via}; stream connected since {_when(res['stream_since'])}"
         else:
             state = f"NOT registered: {res['state'] or 'unknown'} since {_when(res['since'])}"
             if res["last_error"]:

@@ -29,7 +29,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
@@ -90,11 +90,20 @@ def _umask(mask: int) -> Any:
 
 
 class Endpoint:
-    """One grpc.aio server on one fresh socket file, serving one resource."""
+    """One grpc.aio server on one fresh socket file, serving one resource.
 
-    def __init__(self, plugin: Plugin, connector: KubeletConnector, seq: int) -> None:
+    In the kubelet's socket directory (registered with Register), or in plugins_registry (``via``
+    PLUGIN_WATCHER), where the same socket also answers the plugin watcher's Registration service.
+    """
+
+    def __init__(self, plugin: Plugin, connector: KubeletConnector, seq: int,
+                 via: str = registration.KUBELET_SOCKET_PATH) -> None:
         self.seq = seq
-        directory = connector.dir
+        self.via = via
+        self.offer_attempt = 0  # plugin watcher: the registration attempt this socket stands for
+        watched = connector.watched(via)
+        assert watched is not None
+        directory = watched.dir
         self.name = socket_name(plugin.name, os.getpid(), seq, directory.path)
         self.path = os.path.join(directory.path, self.name)
         if len(self.path) > _MAX_SOCKET_PATH:
@@ -107,9 +116,10 @@ class Endpoint:
             ended=lambda stream, by_us, why: connector.feed(name, registration.StreamEnded(seq, stream, by_us, why)))
         self.servicer = DevicePluginServicer(plugin.state, hooks, connector.runner, connector.prestarts)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-        self.server.add_generic_rpc_handlers([
-            self.servicer.handler(),
-            StatusServicer(plugin.state, plugin.status, __version__).handler()])
+        handlers = [self.servicer.handler(), StatusServicer(plugin.state, plugin.status, __version__).handler()]
+        if via == registration.PLUGIN_WATCHER:
+            handlers.append(WatcherRegistration(plugin, self, connector).handler())
+        self.server.add_generic_rpc_handlers(handlers)
         # 0600 whatever the caller's umask: only root (the kubelet) may connect.
         with _umask(0o777 & ~SOCKET_MODE):
             try:
@@ -144,6 +154,39 @@ class Endpoint:
             await self.started
         await self.server.stop(grace)
         self.directory.remove_socket(self.name, self.inode)
+
+
+class WatcherRegistration:
+    """pluginregistration.Registration on a socket in plugins_registry: what the kubelet's plugin
+    watcher asks of a socket it finds there (GetInfo), and how it says whether it registered it."""
+
+    def __init__(self, plugin: Plugin, endpoint: Endpoint, connector: KubeletConnector) -> None:
+        self.name = plugin.name
+        self.endpoint = endpoint
+        self.connector = connector
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return api.service_handler(api.PLUGIN_REGISTRATION, {
+            "GetInfo": api.method_handler(api.GET_INFO, self.GetInfo),
+            "NotifyRegistrationStatus": api.method_handler(api.NOTIFY_REGISTRATION_STATUS,
+                                                           self.NotifyRegistrationStatus)})
+
+    async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        log.debug("%s: the plugin watcher asked GetInfo on %s", self.name, self.endpoint.name)
+        self.connector.feed(self.name, registration.InfoRequested(self.endpoint.seq))
+        # The endpoint is this very socket, by its real path: the kubelet dials it for DevicePlugin.
+        return api.PluginInfo(type=api.PLUGIN_TYPE, name=self.name, endpoint=self.endpoint.path,
+                              supported_versions=[API_VERSION])
+
+    async def NotifyRegistrationStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.plugin_registered:
+            log.debug("%s: the plugin watcher registered %s", self.name, self.endpoint.name)
+        else:
+            log.warning("%s: the kubelet's plugin watcher could not register %s: %s", self.name,
+                        self.endpoint.name, request.error[:500])
+        self.connector.feed(self.name, registration.Answered(self.endpoint.offer_attempt, request.plugin_registered,
+                                                             request.error[:500]))
+        return api.RegistrationStatusResponse()
 
 
 def _bind_errno(directory: SocketDir) -> int:
@@ -186,7 +229,26 @@ class Plugin:
         return {"registered": reg.registered, "last_error": reg.reason, "registrations": reg.registrations,
                 "state": reg.state.name.lower(), "since": reg.since + wall,
                 "stream_since": (reg.stream_since + wall) if reg.stream_since is not None else 0.0,
-                "endpoint": ep.name if ep is not None and reg.offered else "", "streams_lost": reg.streams_lost}
+                "endpoint": ep.name if ep is not None and reg.offered else "", "streams_lost": reg.streams_lost,
+                "registered_via": reg.via if reg.offered else ""}
+
+
+@dataclass(eq=False)  # compared and hashed by identity: there is one per directory
+class Watched:
+    """A directory we serve sockets in, held by descriptor (sockdir.py) and watched with inotify
+    together with its parent: the kubelet's socket directory, or plugins_registry."""
+
+    via: str
+    dir: SocketDir
+    label: str
+    wd_dir: int = -1
+    wd_parent: int = -1
+    parent_watched: str = ""
+    problem: str = ""
+
+    @property
+    def path(self) -> str:
+        return self.dir.path
 
 
 class KubeletConnector:
@@ -196,9 +258,17 @@ class KubeletConnector:
                  on_change: Callable[[str], None], fatal: Callable[[str], None],
                  register_timeout: float = 5.0, backoff_max: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
-                 stream_timeout: float = registration.STREAM_TIMEOUT) -> None:
-        self.dir = SocketDir(kubelet_dir)
+                 stream_timeout: float = registration.STREAM_TIMEOUT,
+                 paths: Tuple[str, ...] = (registration.KUBELET_SOCKET_PATH,),
+                 registry_dir: str = "") -> None:
         self.kubelet_dir = kubelet_dir
+        self.paths = paths
+        self.sockets: Optional[Watched] = None
+        self.registry: Optional[Watched] = None
+        if registration.KUBELET_SOCKET_PATH in paths:
+            self.sockets = Watched(registration.KUBELET_SOCKET_PATH, SocketDir(kubelet_dir), "socket directory")
+        if registration.PLUGIN_WATCHER in paths:
+            self.registry = Watched(registration.PLUGIN_WATCHER, SocketDir(registry_dir), "plugins_registry directory")
         self.runner = runner
         self.prestarts = prestarts
         self.on_change = on_change
@@ -210,20 +280,27 @@ class KubeletConnector:
         self.loop = asyncio.get_event_loop()
         self.plugins: Dict[str, Plugin] = {}
         self.inotify = ino.Inotify()
-        self._wd_dir = -1
-        self._wd_parent = -1
-        self._parent_watched = ""
         self._kubelet_key: Optional[tuple] = None
         self._kubelet_gen = 0
-        self.directory_problem = ""
         self._tasks: set = set()
         self._closed = False
+
+    def watched(self, via: str) -> Optional[Watched]:
+        return self.registry if via == registration.PLUGIN_WATCHER else self.sockets
+
+    def _all_watched(self) -> List[Watched]:
+        return [w for w in (self.sockets, self.registry) if w is not None]
+
+    @property
+    def directory_problem(self) -> str:
+        return self.sockets.problem if self.sockets is not None else ""
 
     # --- setup and teardown -------------------------------------------------------------------
 
     def start(self) -> None:
         self.loop.add_reader(self.inotify.fileno(), self.handle_inotify)
-        self._check_directory(initial=True)
+        for watched in self._all_watched():
+            self._check_directory(watched, initial=True)
 
     async def close(self) -> None:
         self._closed = True
@@ -240,7 +317,8 @@ class KubeletConnector:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.inotify.close()
-        self.dir.close()
+        for watched in self._all_watched():
+            watched.dir.close()
 
     # --- resources --------------------------------------------------------------------------------
 
@@ -266,7 +344,9 @@ class KubeletConnector:
     def env(self) -> registration.Env:
         return registration.Env(now=self.clock(), kubelet=self.kubelet(), next_endpoint=next_socket_number,
                                 directory_problem=self.directory_problem, backoff_max=self.backoff_max,
-                                stream_timeout=self.stream_timeout)
+                                stream_timeout=self.stream_timeout, paths=self.paths,
+                                registry_problem=self.registry.problem if self.registry is not None else "",
+                                fallback_timeout=3 * self.register_timeout)
 
     def feed(self, name: str, event: registration.Event) -> None:
         """Hand ``event`` to the resource's state machine and carry out what it decides."""
@@ -286,10 +366,12 @@ class KubeletConnector:
     def _execute(self, plugin: Plugin, action: registration.Action) -> None:
         if isinstance(action, registration.Serve):
             try:
-                plugin.endpoints[action.endpoint] = Endpoint(plugin, self, action.endpoint)
+                plugin.endpoints[action.endpoint] = Endpoint(plugin, self, action.endpoint, action.via)
             except OSError as exc:
                 if exc.errno == errno.EROFS:
-                    self.fatal(f"cannot create sockets in {self.kubelet_dir}: read-only here (under systemd: the "
+                    watched = self.watched(action.via)
+                    where = watched.path if watched is not None else self.kubelet_dir
+                    self.fatal(f"cannot create sockets in {where}: read-only here (under systemd: the "
                                "directory was replaced after the service started, outside its ReadWritePaths=); "
                                "exiting so that a restart serves in the new directory")
                     return
@@ -299,13 +381,18 @@ class KubeletConnector:
             endpoint = plugin.endpoints.pop(action.endpoint, None)
             if endpoint is not None:
                 self._spawn(endpoint.stop())
-        elif isinstance(action, registration.EndStreams):
+        elif isinstance(action, (registration.EndStreams, registration.WatchDrain)):
             endpoint = plugin.endpoints.get(action.endpoint)
             if endpoint is None:
                 self.loop.call_soon(self.feed, plugin.name, registration.Drained(action.endpoint))
             else:
-                endpoint.servicer.end_streams()
+                if isinstance(action, registration.EndStreams):
+                    endpoint.servicer.end_streams()
                 self._watch_drain(plugin, endpoint)
+        elif isinstance(action, registration.Offer):
+            endpoint = plugin.endpoints.get(action.endpoint)
+            if endpoint is not None:
+                endpoint.offer_attempt = action.attempt
         elif isinstance(action, registration.Register):
             self._spawn(self._register_call(plugin, action.endpoint, action.attempt))
         elif isinstance(action, registration.Log):
@@ -355,7 +442,8 @@ class KubeletConnector:
                                       options=options_for(plugin.state.config))
         try:
             await endpoint.started  # serving before Register: the kubelet dials back during it
-            channel = grpc.aio.insecure_channel("unix:" + self.dir.at(KUBELET_SOCKET), options=CHANNEL_OPTIONS)
+            assert self.sockets is not None
+            channel = grpc.aio.insecure_channel("unix:" + self.sockets.dir.at(KUBELET_SOCKET), options=CHANNEL_OPTIONS)
             try:
                 await api.Stub(channel, (api.REGISTER,)).Register(request, timeout=self.register_timeout)
             finally:
@@ -373,9 +461,9 @@ class KubeletConnector:
 
     def kubelet(self) -> Optional[registration.KubeletId]:
         """kubelet.sock now: its inode and how many times we saw it created; None when absent."""
-        if self.directory_problem:
+        if self.sockets is None or self.sockets.problem:
             return None
-        st = self.dir.lstat(KUBELET_SOCKET)
+        st = self.sockets.dir.lstat(KUBELET_SOCKET)
         if st is None or not stat.S_ISSOCK(st.st_mode):
             return None
         key = (st.st_dev, st.st_ino)
@@ -385,6 +473,11 @@ class KubeletConnector:
         return (st.st_dev, st.st_ino, self._kubelet_gen)
 
     def kubelet_present(self) -> bool:
+        if self.sockets is None:  # plugin watcher only: kubelet.sock still tells whether a kubelet runs
+            try:
+                return stat.S_ISSOCK(os.lstat(os.path.join(self.kubelet_dir, KUBELET_SOCKET)).st_mode)
+            except OSError:
+                return False
         return self.kubelet() is not None
 
     def handle_inotify(self) -> None:
@@ -395,35 +488,41 @@ class KubeletConnector:
             log.debug("inotify read failed: %s", exc)
             return
         ours_gone: List[tuple] = []
-        kubelet_created = kubelet_removed = recheck = overflow = False
-        by_socket = {ep.name: (p.name, seq) for p in self.plugins.values() for seq, ep in p.endpoints.items()}
-        base = os.path.basename(self.kubelet_dir)
+        kubelet_created = kubelet_removed = overflow = False
+        recheck: List[Watched] = []
+        by_socket = {(ep.via, ep.name): (p.name, seq) for p in self.plugins.values()
+                     for seq, ep in p.endpoints.items()}
         for event in events:
             if event.mask & ino.IN_Q_OVERFLOW:
                 overflow = True
-            elif event.wd == self._wd_dir and self._wd_dir >= 0:
-                if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
-                    recheck = True
-                elif event.mask & (ino.IN_DELETE | ino.IN_MOVED_FROM):
-                    if event.name in by_socket:
-                        ours_gone.append(by_socket[event.name])
-                    elif event.name == KUBELET_SOCKET:
-                        kubelet_removed = True
-                elif event.mask & (ino.IN_CREATE | ino.IN_MOVED_TO) and event.name == KUBELET_SOCKET:
-                    kubelet_created = True
-                    self._kubelet_key = None  # a new kubelet.sock, even if its inode number is reused
-            elif event.wd == self._wd_parent and self._wd_parent >= 0:
-                if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
-                    recheck = True
-                elif event.name == base or self._parent_watched != os.path.dirname(self.kubelet_dir):
-                    recheck = True  # our directory's name changed, or an ancestor we wait on did
-            # Events of watches already replaced (IN_IGNORED of a removed watch) are ignored.
-        if recheck or overflow:
-            if overflow:
-                log.warning("inotify queue overflow on %s; checking the directory and every registration",
-                            self.kubelet_dir)
-            if self._check_directory():
-                return  # lost or back: the machines were told
+                continue
+            for watched in self._all_watched():
+                if event.wd == watched.wd_dir and watched.wd_dir >= 0:
+                    if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED):
+                        recheck.append(watched)
+                    elif event.mask & (ino.IN_DELETE | ino.IN_MOVED_FROM):
+                        if (watched.via, event.name) in by_socket:
+                            ours_gone.append(by_socket[(watched.via, event.name)])
+                        elif event.name == KUBELET_SOCKET and watched is self.sockets:
+                            kubelet_removed = True
+                    elif event.mask & (ino.IN_CREATE | ino.IN_MOVED_TO) and event.name == KUBELET_SOCKET \
+                            and watched is self.sockets:
+                        kubelet_created = True
+                        self._kubelet_key = None  # a new kubelet.sock, even if its inode number is reused
+                elif event.wd == watched.wd_parent and watched.wd_parent >= 0:
+                    if event.mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED) \
+                            or event.name == os.path.basename(watched.path) \
+                            or watched.parent_watched != os.path.dirname(watched.path):
+                        recheck.append(watched)  # our directory's name changed, or an ancestor we wait on did
+            # Events of watches already replaced (IN_IGNORED of a removed watch) match none: ignored.
+        if overflow:
+            log.warning("inotify queue overflow; checking the directories and every registration")
+            recheck = self._all_watched()
+        changed = False
+        for watched in dict.fromkeys(recheck):
+            changed |= self._check_directory(watched)
+        if changed:
+            return  # lost or back: the machines were told
         for name, seq in ours_gone:
             plugin = self.plugins.get(name)
             if plugin is not None and seq in plugin.endpoints and not plugin.endpoints[seq].alive():
@@ -449,7 +548,8 @@ class KubeletConnector:
 
     def verify(self) -> List[str]:
         """SIGUSR1: register again whatever is not registered with the kubelet there now; return those."""
-        self._check_directory()
+        for watched in self._all_watched():
+            self._check_directory(watched)
         self._verify_sockets()
         redone = []
         for name in list(self.plugins):
@@ -464,116 +564,117 @@ class KubeletConnector:
             log.info("every resource is registered with the current kubelet, or waiting for one; nothing to do")
         return redone
 
-    # --- the directory ------------------------------------------------------------------------------
+    # --- the directories ------------------------------------------------------------------------------
 
-    def _check_directory(self, initial: bool = False) -> bool:
-        """Is our directory still there?  Handle a loss or a return; True when either happened.
+    def _check_directory(self, watched: Watched, initial: bool = False) -> bool:
+        """Is the directory still there?  Handle a loss or a return; True when either happened.
 
         One WARNING per event: the loss (or, at start, the problem); a return is INFO.
         """
         changed = False
         try:
-            if self.dir.fd is not None:
-                lost = self.dir.check()
+            if watched.dir.fd is not None:
+                lost = watched.dir.check()
                 if not lost:
-                    self._watch_parent()
+                    self._watch_parent(watched)
                     return False
-                log.warning("socket directory: %s; our sockets in it were removed", lost)
-                self._abandon_directory()
-                self._set_problem(lost)
+                log.warning("%s: %s; our sockets in it were removed", watched.label, lost)
+                self._abandon_directory(watched)
+                self._set_problem(watched, lost)
                 changed = True
-            problem = self.dir.open()
+            problem = watched.dir.open()
         except RestartNeeded as exc:
             self.fatal(str(exc))
             return True
-        self._watch_parent()
+        self._watch_parent(watched)
         if problem:
-            if problem != self.directory_problem:
+            if problem != watched.problem:
                 if changed:
-                    log.info("socket directory: %s; waiting for a directory there", problem)
+                    log.info("%s: %s; waiting for a directory there", watched.label, problem)
                 else:
-                    log.warning("socket directory: %s; waiting for a directory there (nothing is served "
-                                "until then)", problem)
-                self._set_problem(problem)
+                    log.warning("%s: %s; waiting for a directory there (nothing is served there until then)",
+                                watched.label, problem)
+                self._set_problem(watched, problem)
                 changed = True
             return changed
-        self._watch_dir()
-        self._remove_stale_sockets()
-        if self.directory_problem:
-            log.info("socket directory %s is usable: serving and registering", self.kubelet_dir)
-        self.directory_problem = ""
+        self._watch_dir(watched)
+        self._remove_stale_sockets(watched)
+        if watched.problem:
+            log.info("%s %s is usable: serving and registering", watched.label, watched.path)
+        watched.problem = ""
         if not initial:
             for name in list(self.plugins):
-                self.feed(name, registration.DirectoryBack())
+                self.feed(name, registration.DirectoryBack(watched.via))
         return True
 
-    def _set_problem(self, problem: str) -> None:
-        self.directory_problem = problem
+    def _set_problem(self, watched: Watched, problem: str) -> None:
+        watched.problem = problem
         for name in list(self.plugins):
-            self.feed(name, registration.DirectoryLost(f"socket directory: {problem}"))
+            self.feed(name, registration.DirectoryLost(f"{watched.label}: {problem}", watched.via))
 
-    def _abandon_directory(self) -> None:
-        """Our directory was moved or replaced: take our sockets out of it and let it go."""
+    def _abandon_directory(self, watched: Watched) -> None:
+        """The directory was moved or replaced: take our sockets out of it and let it go."""
         for plugin in self.plugins.values():
             for endpoint in plugin.endpoints.values():
-                self.dir.remove_socket(endpoint.name, endpoint.inode)
-        if self._wd_dir >= 0:
-            wd, self._wd_dir = self._wd_dir, -1
+                if endpoint.via == watched.via:
+                    watched.dir.remove_socket(endpoint.name, endpoint.inode)
+        if watched.wd_dir >= 0:
+            wd, watched.wd_dir = watched.wd_dir, -1
             with contextlib.suppress(OSError):
                 self.inotify.rm_watch(wd)
-        self.dir.close()
+        watched.dir.close()
 
-    def _watch_dir(self) -> None:
+    def _watch_dir(self, watched: Watched) -> None:
         mask = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_DELETE_SELF
                 | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
         try:
-            self._wd_dir = self.inotify.add_watch(self.dir.watch_path(), mask)
+            watched.wd_dir = self.inotify.add_watch(watched.dir.watch_path(), mask)
         except OSError as exc:
-            log.error("cannot watch %s: %s; kubelet restarts are seen only through SIGUSR1", self.kubelet_dir,
-                      exc.strerror)
-            self._wd_dir = -1
+            log.error("cannot watch %s: %s; its changes are seen only through SIGUSR1", watched.path, exc.strerror)
+            watched.wd_dir = -1
 
-    def _watch_parent(self) -> None:
+    def _watch_parent(self, watched: Watched) -> None:
         """Watch the directory's parent (or, while that is missing, its nearest existing ancestor)."""
-        parent = os.path.dirname(self.kubelet_dir)
+        parent = os.path.dirname(watched.path)
         while parent != "/" and not os.path.isdir(parent):
             parent = os.path.dirname(parent)
-        if parent == self._parent_watched and self._wd_parent >= 0:
+        if parent == watched.parent_watched and watched.wd_parent >= 0:
             return
-        if self._wd_parent >= 0:
+        if watched.wd_parent >= 0 and not any(w.wd_parent == watched.wd_parent for w in self._all_watched()
+                                              if w is not watched):
             with contextlib.suppress(OSError):
-                self.inotify.rm_watch(self._wd_parent)
-            self._wd_parent = -1
+                self.inotify.rm_watch(watched.wd_parent)
+        watched.wd_parent = -1
         mask = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_DELETE_SELF
                 | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
         try:
-            self._wd_parent = self.inotify.add_watch(parent, mask)
-            self._parent_watched = parent
+            watched.wd_parent = self.inotify.add_watch(parent, mask)
+            watched.parent_watched = parent
         except OSError as exc:
             log.warning("cannot watch %s: %s", parent, exc.strerror)
-            self._parent_watched = ""
+            watched.parent_watched = ""
 
-    def _remove_stale_sockets(self) -> None:
+    def _remove_stale_sockets(self, watched: Watched) -> None:
         """Sockets of ours that no live process serves (left by a crash or kill -9)."""
-        ours = {ep.name for p in self.plugins.values() for ep in p.endpoints.values()}
-        for name in self.dir.names():
+        ours = {ep.name for p in self.plugins.values() for ep in p.endpoints.values() if ep.via == watched.via}
+        for name in watched.dir.names():
             if not name.startswith(SOCKET_PREFIX) or name in ours:
                 continue
-            st = self.dir.lstat(name)
-            if st is None or not stat.S_ISSOCK(st.st_mode) or self.dir.answers(name):
+            st = watched.dir.lstat(name)
+            if st is None or not stat.S_ISSOCK(st.st_mode) or watched.dir.answers(name):
                 continue  # not a socket, or another running instance serves it
-            if self.dir.remove_socket(name, st.st_ino):
-                log.info("removed stale socket %s", name)
+            if watched.dir.remove_socket(name, st.st_ino):
+                log.info("removed stale socket %s from %s", name, watched.path)
 
     # --- readiness and status -------------------------------------------------------------------------
 
     def settled(self) -> bool:
         """Every resource is registered with a live stream, or (no kubelet) served and waiting."""
-        if self.directory_problem:
+        if all(p.reg.registered for p in self.plugins.values()):
+            return True
+        if self.kubelet_present() or any(w.problem for w in self._all_watched()):
             return False
-        if not self.kubelet_present():
-            return all(p.endpoints for p in self.plugins.values())
-        return all(p.reg.registered for p in self.plugins.values())
+        return all(p.endpoints for p in self.plugins.values())
 
     def errors(self) -> List[str]:
         return sorted({f"{p.name}: {p.reg.reason}" for p in self.plugins.values()
@@ -581,8 +682,9 @@ class KubeletConnector:
 
     def summary(self) -> str:
         total = len(self.plugins)
-        if self.directory_problem:
-            return f"serving nothing: socket directory: {self.directory_problem}"
+        problems = [f"{w.label}: {w.problem}" for w in self._all_watched() if w.problem]
+        if problems and len(problems) == len(self._all_watched()):
+            return "serving nothing: " + "; ".join(problems)
         registered = sum(1 for p in self.plugins.values() if p.reg.registered)
         if not self.kubelet_present() and registered == 0:
             where = os.path.join(self.kubelet_dir, KUBELET_SOCKET)

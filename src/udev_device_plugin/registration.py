@@ -42,6 +42,11 @@ STABLE_AFTER = 30.0
 # st_dev, st_ino of kubelet.sock and how many times we saw it created: a chmod moves none.
 KubeletId = Tuple[int, int, int]
 
+# The two ways to register: Register on kubelet.sock, or a socket in plugins_registry that the
+# kubelet's plugin watcher finds (it calls GetInfo, registers, then NotifyRegistrationStatus).
+KUBELET_SOCKET_PATH = "kubelet-socket"
+PLUGIN_WATCHER = "plugin-watcher"
+
 
 class State(enum.Enum):
     WAITING = "waiting for the kubelet"
@@ -72,6 +77,9 @@ class Registration:
     draining: int = 0  # the endpoint whose stream is being ended
     retry_at: float = 0.0  # after a lost stream: no new Register before this (the backoff)
     early_lost: bool = False  # a stream opened before Register's answer ended before it
+    via: str = ""  # the way the current registration goes: KUBELET_SOCKET_PATH or PLUGIN_WATCHER
+    fallback: bool = False  # registration = both: the plugin watcher did not take our socket
+    info_seen: bool = False  # the plugin watcher asked GetInfo of the socket offered now
 
     @property
     def registered(self) -> bool:
@@ -106,14 +114,24 @@ class SocketGone:
 
 @dataclass(frozen=True)
 class DirectoryLost:
-    """The socket directory was removed, renamed or replaced; ``why`` says which."""
+    """A socket directory (``via``'s) was removed, renamed or replaced; ``why`` says which."""
 
     why: str
+    via: str = KUBELET_SOCKET_PATH
 
 
 @dataclass(frozen=True)
 class DirectoryBack:
     """A real socket directory is at the configured path again."""
+
+    via: str = KUBELET_SOCKET_PATH
+
+
+@dataclass(frozen=True)
+class InfoRequested:
+    """The kubelet's plugin watcher asked GetInfo of our socket ``endpoint``."""
+
+    endpoint: int
 
 
 @dataclass(frozen=True)
@@ -169,17 +187,19 @@ class Reregister:
     why: str
 
 
-Event = Union[Start, KubeletAppeared, KubeletGone, SocketGone, DirectoryLost, DirectoryBack, ServeFailed,
-              Answered, StreamOpened, StreamEnded, Drained, Tick, Verify, Reregister]
+Event = Union[Start, KubeletAppeared, KubeletGone, SocketGone, DirectoryLost, DirectoryBack, InfoRequested,
+              ServeFailed, Answered, StreamOpened, StreamEnded, Drained, Tick, Verify, Reregister]
 
 
 # --- outputs --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Serve:
-    """Serve the resource on a fresh socket numbered ``endpoint``."""
+    """Serve the resource on a fresh socket numbered ``endpoint``: in the kubelet's socket directory,
+    or (``via`` PLUGIN_WATCHER) in plugins_registry, where the socket is the offer itself."""
 
     endpoint: int
+    via: str = KUBELET_SOCKET_PATH
 
 
 @dataclass(frozen=True)
@@ -197,7 +217,23 @@ class EndStreams:
 
 
 @dataclass(frozen=True)
+class WatchDrain:
+    """Tell (Drained) when the kubelet has closed its connections to ``endpoint``; the socket serves on."""
+
+    endpoint: int
+
+
+@dataclass(frozen=True)
 class Register:
+    endpoint: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The socket ``endpoint`` in plugins_registry stands for registration ``attempt``: the plugin
+    watcher's NotifyRegistrationStatus on it answers that attempt."""
+
     endpoint: int
     attempt: int
 
@@ -208,7 +244,7 @@ class Log:
     message: str
 
 
-Action = Union[Serve, Retire, EndStreams, Register, Log]
+Action = Union[Serve, Retire, EndStreams, WatchDrain, Register, Offer, Log]
 
 
 @dataclass
@@ -219,6 +255,9 @@ class Env:
     kubelet: Optional[KubeletId]  # kubelet.sock now, None when absent
     next_endpoint: Callable[[], int]  # fresh socket numbers, unique for the process
     directory_problem: str = ""  # non-empty while the socket directory is unusable
+    paths: Tuple[str, ...] = (KUBELET_SOCKET_PATH,)  # the ways to register, preferred first
+    registry_problem: str = ""  # non-empty while plugins_registry is unusable
+    fallback_timeout: float = STREAM_TIMEOUT  # registration = both: how long the plugin watcher may take
     backoff_max: float = 10.0
     stream_timeout: float = STREAM_TIMEOUT
     drain_timeout: float = DRAIN_TIMEOUT
@@ -231,13 +270,21 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
     if isinstance(event, Start):
         _register(reg, env, "starting")
     elif isinstance(event, KubeletAppeared):
-        if reg.kubelet == event.kubelet and reg.state in _WITH_KUBELET:
+        if reg.via == PLUGIN_WATCHER and reg.state in _WITH_KUBELET + (State.BACKOFF,):
+            # The plugin watcher finds our socket by itself; kubelet.sock matters only as the
+            # fallback of registration = both, whose wait starts now.
+            if reg.state is State.REGISTERING and KUBELET_SOCKET_PATH in env.paths and reg.deadline is None \
+                    and not reg.info_seen:
+                reg.deadline = env.now + env.fallback_timeout
+        elif reg.kubelet == event.kubelet and reg.state in _WITH_KUBELET:
             pass  # this kubelet has us, or is about to: registering again would cut its stream
         else:
             reg.backoff = FIRST_RETRY
             _register(reg, env, "kubelet.sock was created" if reg.kubelet else "kubelet.sock is there")
     elif isinstance(event, KubeletGone):
-        if reg.state in (State.REGISTERING, State.CONNECTING, State.BACKOFF, State.WAITING):
+        if reg.via == PLUGIN_WATCHER:
+            pass  # not how this registration goes
+        elif reg.state in (State.REGISTERING, State.CONNECTING, State.BACKOFF, State.WAITING):
             reg.attempt += 1  # an answer still under way is for a kubelet that is gone
             _enter(reg, env, State.WAITING, "kubelet.sock was removed; waiting for the kubelet")
         # REGISTERED: the stream decides.  A kubelet that only recreates its socket keeps it.
@@ -255,14 +302,19 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
             else:
                 _register(reg, env, "our socket was removed")
     elif isinstance(event, DirectoryLost):
-        if reg.endpoint:
-            env.actions.append(Retire(reg.endpoint))
-        reg.endpoint, reg.offered, reg.stream, reg.early_stream, reg.stream_since = 0, False, None, None, None
-        reg.attempt += 1
-        _enter(reg, env, State.WAITING, event.why)
+        if reg.via in (event.via, ""):
+            if reg.endpoint:
+                env.actions.append(Retire(reg.endpoint))
+            reg.endpoint, reg.offered, reg.stream, reg.early_stream, reg.stream_since = 0, False, None, None, None
+            reg.attempt += 1
+            reg.state = State.WAITING  # not draining: there is nothing left to drain
+            _register(reg, env, event.why)  # waits, or registers the other way (registration = both)
     elif isinstance(event, DirectoryBack):
-        reg.backoff = FIRST_RETRY
-        _register(reg, env, "the socket directory is back")
+        if reg.state is State.WAITING:
+            reg.backoff = FIRST_RETRY
+            _register(reg, env, "the socket directory is back")
+    elif isinstance(event, InfoRequested):
+        _info_requested(reg, event, env)
     elif isinstance(event, ServeFailed):
         if event.endpoint == reg.endpoint:
             reg.endpoint, reg.offered = 0, False
@@ -284,9 +336,11 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
     elif isinstance(event, Tick):
         _tick(reg, env)
     elif isinstance(event, Verify):
-        if reg.state in _WITH_KUBELET and reg.kubelet == env.kubelet and env.kubelet is not None:
+        if reg.via == PLUGIN_WATCHER and reg.state in _WITH_KUBELET:
+            pass  # offered to the plugin watcher, or registered through it: nothing to do here
+        elif reg.state in _WITH_KUBELET and reg.kubelet == env.kubelet and env.kubelet is not None:
             pass  # idempotent: registered (or registering) with the kubelet serving now
-        elif reg.state is State.WAITING and env.kubelet is None:
+        elif reg.state is State.WAITING and _via(reg, env) == KUBELET_SOCKET_PATH and env.kubelet is None:
             pass  # nothing to register with
         else:
             reg.backoff = FIRST_RETRY
@@ -315,15 +369,33 @@ def _log(env: Env, level: int, message: str) -> None:
     env.actions.append(Log(level, message))
 
 
+def _via(reg: Registration, env: Env) -> str:
+    """The way to register now: the plugin watcher where configured and usable (and not given up on
+    for registration = both), else kubelet.sock."""
+    if PLUGIN_WATCHER in env.paths:
+        if KUBELET_SOCKET_PATH not in env.paths:
+            return PLUGIN_WATCHER
+        if not reg.fallback and not env.registry_problem:
+            return PLUGIN_WATCHER
+    return KUBELET_SOCKET_PATH
+
+
+def _ready(env: Env, via: str) -> bool:
+    if via == PLUGIN_WATCHER:
+        return not env.registry_problem
+    return not env.directory_problem and env.kubelet is not None
+
+
 def _register(reg: Registration, env: Env, why: str) -> None:
     """Register with the kubelet there now, safely: serve first, drain a live stream first."""
-    if reg.state is State.DRAINING and not env.directory_problem:
-        return  # a Register follows the drain anyway, with the kubelet there then
-    if env.directory_problem or env.kubelet is None:
+    via = _via(reg, env)
+    if reg.state is State.DRAINING and _ready(env, via):
+        return  # a registration follows the drain anyway, with the kubelet there then
+    if not _ready(env, via):
         _wait(reg, env)
         return
     if reg.stream is not None and reg.endpoint:
-        # kubernetes#121994: the old stream must be gone before the new Register.
+        # kubernetes#121994: the old stream must be gone before the new registration.
         reg.draining = reg.endpoint
         env.actions.append(EndStreams(reg.endpoint))
         _enter(reg, env, State.DRAINING, f"ending the old stream first ({why})", env.now + env.drain_timeout)
@@ -337,29 +409,38 @@ def _wait(reg: Registration, env: Env) -> None:
     reg.stream_since = None
     reg.attempt += 1  # an answer still under way is for a kubelet that is gone
     reg.kubelet = None
-    if env.directory_problem:
+    via = _via(reg, env)
+    problem = env.registry_problem if via == PLUGIN_WATCHER else env.directory_problem
+    if problem or via == PLUGIN_WATCHER:
         if reg.endpoint:
             env.actions.append(Retire(reg.endpoint))
             reg.endpoint, reg.offered = 0, False
-        _enter(reg, env, State.WAITING, env.directory_problem)
+        reg.via = ""
+        _enter(reg, env, State.WAITING, problem or "waiting for the plugins_registry directory")
         return
-    if reg.endpoint and reg.state is State.DRAINING:
+    if reg.endpoint and (reg.state is State.DRAINING or reg.via == PLUGIN_WATCHER):
         env.actions.append(Retire(reg.endpoint))  # its stream is over: a fresh socket waits instead
         reg.endpoint, reg.offered = 0, False
     if not reg.endpoint:
         _serve(reg, env)  # serve anyway: ready the moment the kubelet appears
+    reg.via = KUBELET_SOCKET_PATH
     _enter(reg, env, State.WAITING, "waiting for kubelet.sock")
 
 
 def _register_now(reg: Registration, env: Env) -> None:
-    if env.kubelet is None or env.directory_problem:
+    via = _via(reg, env)
+    if not _ready(env, via):
         _wait(reg, env)
         return
-    if not reg.endpoint or reg.offered:
+    if via == PLUGIN_WATCHER:
+        _offer(reg, env)
+        return
+    if not reg.endpoint or reg.offered or reg.via != KUBELET_SOCKET_PATH:
         old = reg.endpoint
         _serve(reg, env)
         if old:
             env.actions.append(Retire(old))
+    reg.via = KUBELET_SOCKET_PATH
     reg.stream = reg.early_stream = None
     reg.early_lost = False
     reg.stream_since = None
@@ -370,17 +451,61 @@ def _register_now(reg: Registration, env: Env) -> None:
     _enter(reg, env, State.REGISTERING, "waiting for the kubelet to answer Register")
 
 
+def _offer(reg: Registration, env: Env) -> None:
+    """A fresh socket in plugins_registry: the plugin watcher finds it and registers it.
+
+    The old socket goes first: its removal makes the kubelet deregister the resource name, which
+    must not hit the new registration.
+    """
+    if reg.endpoint:
+        env.actions.append(Retire(reg.endpoint))
+    reg.endpoint = env.next_endpoint()
+    reg.via = PLUGIN_WATCHER
+    reg.offered = True
+    reg.info_seen = False
+    reg.stream = reg.early_stream = None
+    reg.early_lost = False
+    reg.stream_since = None
+    reg.attempt += 1
+    reg.kubelet = env.kubelet
+    env.actions.append(Serve(reg.endpoint, PLUGIN_WATCHER))
+    env.actions.append(Offer(reg.endpoint, reg.attempt))
+    # registration = both: fall back to kubelet.sock if the watcher does not take the socket.
+    deadline = env.now + env.fallback_timeout if KUBELET_SOCKET_PATH in env.paths and env.kubelet else None
+    _enter(reg, env, State.REGISTERING, "offered in plugins_registry; waiting for the kubelet's plugin watcher",
+           deadline)
+
+
+def _info_requested(reg: Registration, event: InfoRequested, env: Env) -> None:
+    if event.endpoint != reg.endpoint or reg.via != PLUGIN_WATCHER:
+        return
+    reg.info_seen = True
+    why = "the kubelet's plugin watcher took our socket; waiting for its registration status"
+    if reg.state is State.REGISTERING:
+        _enter(reg, env, State.REGISTERING, why, env.now + env.stream_timeout)
+    elif reg.state in (State.BACKOFF, State.DRAINING, State.CONNECTING, State.REGISTERED):
+        # A kubelet (restarted) found the socket again by itself: this is its registration.
+        reg.attempt += 1
+        reg.stream = reg.early_stream = None
+        reg.early_lost = False
+        reg.stream_since = None
+        env.actions.append(Offer(reg.endpoint, reg.attempt))
+        _enter(reg, env, State.REGISTERING, why, env.now + env.stream_timeout)
+
+
 def _serve(reg: Registration, env: Env) -> None:
     reg.endpoint = env.next_endpoint()
     reg.offered = False
-    env.actions.append(Serve(reg.endpoint))
+    env.actions.append(Serve(reg.endpoint, KUBELET_SOCKET_PATH))
 
 
 def _answered(reg: Registration, event: Answered, env: Env) -> None:
     if event.attempt != reg.attempt or reg.state is not State.REGISTERING:
         return  # an older attempt, superseded
     if not event.ok:
-        _backoff(reg, env, f"Register failed: {event.why}", logging.WARNING)
+        what = ("the kubelet's plugin watcher reported the registration failed" if reg.via == PLUGIN_WATCHER
+                else "Register failed")
+        _backoff(reg, env, f"{what}: {event.why}", logging.WARNING)
         return
     reg.registrations += 1
     if reg.early_lost:
@@ -391,7 +516,7 @@ def _answered(reg: Registration, event: Answered, env: Env) -> None:
     if reg.early_stream is not None:
         _connected(reg, env, reg.early_stream)
         return
-    _enter(reg, env, State.CONNECTING, "the kubelet accepted Register but has not opened its stream yet",
+    _enter(reg, env, State.CONNECTING, "the kubelet accepted the registration but has not opened its stream yet",
            env.now + env.stream_timeout)
 
 
@@ -399,7 +524,8 @@ def _connected(reg: Registration, env: Env, stream: int) -> None:
     reg.stream, reg.early_stream = stream, None
     reg.stream_since = env.now
     _enter(reg, env, State.REGISTERED)
-    _log(env, logging.INFO, f"{reg.resource}: registered with the kubelet; its ListAndWatch stream is connected")
+    how = " through its plugin watcher" if reg.via == PLUGIN_WATCHER else ""
+    _log(env, logging.INFO, f"{reg.resource}: registered with the kubelet{how}; its ListAndWatch stream is connected")
 
 
 def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
@@ -432,7 +558,9 @@ def _lost(reg: Registration, env: Env, why: str) -> None:
     reg.stream = reg.early_stream = None
     reg.stream_since = None
     if reg.endpoint:
-        env.actions.append(EndStreams(reg.endpoint))
+        # Its stream is over already; the socket keeps serving: a restarted kubelet's plugin watcher
+        # may take it again (InfoRequested), and a kubelet that dials it finds it answering.
+        env.actions.append(WatchDrain(reg.endpoint))
     _enter(reg, env, State.DRAINING, why, env.now + max(delay, env.drain_timeout))
     _log(env, logging.WARNING, f"{reg.resource}: {why}; registering again on a fresh socket in {delay:.2f} s "
          "(once the kubelet has closed the old connection)")
@@ -452,8 +580,17 @@ def _tick(reg: Registration, env: Env) -> None:
     if reg.state is State.BACKOFF:
         _register(reg, env, "retry")
     elif reg.state is State.CONNECTING:
-        _backoff(reg, env, f"the kubelet accepted Register but opened no ListAndWatch stream within "
+        _backoff(reg, env, f"the kubelet accepted the registration but opened no ListAndWatch stream within "
                  f"{env.stream_timeout:g} s (it may have failed to dial our socket)", logging.WARNING)
+    elif reg.state is State.REGISTERING and reg.via == PLUGIN_WATCHER:
+        if not reg.info_seen and KUBELET_SOCKET_PATH in env.paths and env.kubelet is not None:
+            reg.fallback = True
+            _log(env, logging.WARNING, f"{reg.resource}: the kubelet's plugin watcher did not take our socket "
+                 f"within {env.fallback_timeout:g} s; registering through kubelet.sock instead")
+            _register_now(reg, env)
+        else:
+            _backoff(reg, env, f"the kubelet's plugin watcher did not complete the registration within "
+                     f"{env.stream_timeout:g} s", logging.WARNING, "offering a fresh socket")
     elif reg.state is State.DRAINING:
         _after_drain(reg, env)
 

@@ -668,7 +668,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             if len(f) < 8:
                 continue
             rows.append(f)
-            if f[4] == socket_path:
+            # The daemon binds through its directory descriptor (/proc/self/fd/N/NAME): match the name.
+            if f[4] == socket_path or f[4].endswith("/" + os.path.basename(socket_path)):
                 peers.add(f[7])  # the peer's inode
         fds = []
         for f in rows:

@@ -85,7 +85,7 @@ def test_the_kubelet_ending_the_stream_means_register_again_on_a_fresh_socket():
     w.registered()
     # No new Register until the kubelet has closed the old connection: its clean-up of the old client
     # (keyed by resource name on 1.25-1.35) would otherwise disconnect the new one (kubernetes#121994).
-    assert w.step(r.StreamEnded(1, 1, by_us=False, why="cancelled")) == [r.EndStreams(1)]
+    assert w.step(r.StreamEnded(1, 1, by_us=False, why="cancelled")) == [r.WatchDrain(1)]
     assert w.reg.state is State.DRAINING and not w.reg.registered
     assert "the kubelet ended the ListAndWatch stream" in w.reg.reason
     assert w.log[-1].level == logging.WARNING and "registering again on a fresh socket" in w.log[-1].message
@@ -110,7 +110,7 @@ def test_a_stream_dropped_before_the_answer_is_a_lost_stream():
     w.step(r.Start())
     w.step(r.StreamOpened(1, 5))
     w.step(r.StreamEnded(1, 5, by_us=False))
-    assert w.step(r.Answered(1, True)) == [r.EndStreams(1)]
+    assert w.step(r.Answered(1, True)) == [r.WatchDrain(1)]
     assert w.reg.state is State.DRAINING and w.reg.streams_lost == 1
 
 
@@ -230,7 +230,7 @@ def test_directory_lost_and_back():
     w.problem = ""
     assert w.step(r.DirectoryBack()) == [r.Serve(2)]  # no kubelet.sock there yet
     w.kubelet = K2
-    assert w.step(r.KubeletAppeared(K2)) == [r.Register(2, 4)]
+    assert w.step(r.KubeletAppeared(K2)) == [r.Register(2, 5)]
 
 
 def test_serve_failure_backs_off():
@@ -275,3 +275,105 @@ def test_a_lost_stream_with_the_kubelet_gone_ends_waiting():
     assert w.reg.state is State.WAITING and "kubelet.sock" in w.reg.reason
     w.kubelet = K2
     assert w.step(r.KubeletAppeared(K2)) == [r.Register(2, 3)]
+
+
+# --- the plugin watcher path (registration = plugin-watcher | both) ------------------------------------
+
+class WatcherWorld(World):
+    def __init__(self, kubelet: Optional[tuple] = K1, paths=(r.PLUGIN_WATCHER,)) -> None:
+        super().__init__(kubelet)
+        self.paths = paths
+        self.registry_problem = ""
+
+    def step(self, event: r.Event) -> List[r.Action]:
+        env = r.Env(now=self.now, kubelet=self.kubelet, next_endpoint=lambda: next(self._numbers),
+                    directory_problem=self.problem, backoff_max=10.0, paths=self.paths,
+                    registry_problem=self.registry_problem, fallback_timeout=15.0)
+        actions = r.step(self.reg, event, env)
+        self.log.extend(a for a in actions if isinstance(a, r.Log))
+        return [a for a in actions if not isinstance(a, r.Log)]
+
+
+def test_watcher_offers_a_socket_and_is_registered_when_the_watcher_says_so():
+    w = WatcherWorld(kubelet=None)  # kubelet.sock does not matter on this path
+    assert w.step(r.Start()) == [r.Serve(1, r.PLUGIN_WATCHER), r.Offer(1, 1)]
+    assert w.reg.state is State.REGISTERING and "plugins_registry" in w.reg.reason and w.reg.deadline is None
+    assert w.step(r.InfoRequested(1)) == []
+    assert w.step(r.StreamOpened(1, 4)) == []  # RegisterPlugin dials and streams before Notify
+    assert w.step(r.Answered(1, True)) == []
+    assert w.reg.state is State.REGISTERED and w.reg.via == r.PLUGIN_WATCHER and w.reg.registrations == 1
+
+
+def test_watcher_failure_offers_a_fresh_socket_removing_the_old_first():
+    """Removing the old socket makes the kubelet deregister the name: it must go before the new one."""
+    w = WatcherWorld()
+    w.step(r.Start())
+    w.step(r.InfoRequested(1))
+    assert w.step(r.Answered(1, False, "plugin registration failed")) == []
+    assert w.reg.state is State.BACKOFF and "plugin watcher reported the registration failed" in w.reg.reason
+    assert w.advance(0.02) == [r.Retire(1), r.Serve(2, r.PLUGIN_WATCHER), r.Offer(2, 2)]
+
+
+def test_watcher_lost_stream_reoffers_after_the_drain():
+    w = WatcherWorld()
+    w.step(r.Start())
+    w.step(r.Answered(1, True))
+    w.step(r.StreamOpened(1, 1))
+    assert w.reg.registered
+    assert w.step(r.StreamEnded(1, 1, by_us=False)) == [r.WatchDrain(1)]
+    assert w.step(r.Drained(1)) == []
+    assert w.advance(0.02) == [r.Retire(1), r.Serve(2, r.PLUGIN_WATCHER), r.Offer(2, 2)]
+
+
+def test_watcher_a_restarted_kubelet_finding_the_socket_again_is_taken_as_its_registration():
+    w = WatcherWorld()
+    w.step(r.Start())
+    w.step(r.Answered(1, True))
+    w.step(r.StreamOpened(1, 1))
+    w.step(r.StreamEnded(1, 1, by_us=False))
+    # The new kubelet's watcher found our socket before we replaced it.
+    assert w.step(r.InfoRequested(1)) == [r.Offer(1, 2)]
+    assert w.reg.state is State.REGISTERING
+    w.step(r.Answered(2, True))
+    w.step(r.StreamOpened(1, 2))
+    assert w.reg.registered and w.reg.endpoint == 1
+
+
+def test_watcher_ignores_kubelet_sock_and_sigusr1_while_offered():
+    w = WatcherWorld()
+    w.step(r.Start())
+    w.kubelet = K2
+    assert w.step(r.KubeletAppeared(K2)) == []
+    assert w.step(r.KubeletGone()) == [] and w.step(r.Verify()) == []
+    assert w.reg.state is State.REGISTERING
+
+
+def test_watcher_socket_removed_is_served_again():
+    w = WatcherWorld()
+    w.step(r.Start())
+    assert w.step(r.SocketGone(1)) == [r.Retire(1), r.Serve(2, r.PLUGIN_WATCHER), r.Offer(2, 2)]
+
+
+def test_both_falls_back_to_kubelet_sock_when_the_watcher_never_asks():
+    w = WatcherWorld(paths=(r.PLUGIN_WATCHER, r.KUBELET_SOCKET_PATH))
+    assert w.step(r.Start()) == [r.Serve(1, r.PLUGIN_WATCHER), r.Offer(1, 1)]
+    assert w.advance(14.0) == []
+    assert w.advance(1.0) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+    assert w.reg.via == r.KUBELET_SOCKET_PATH and w.reg.fallback
+    assert w.log[-1].level == logging.WARNING and "registering through kubelet.sock instead" in w.log[-1].message
+
+
+def test_both_uses_kubelet_sock_while_plugins_registry_is_unusable():
+    w = WatcherWorld(paths=(r.PLUGIN_WATCHER, r.KUBELET_SOCKET_PATH))
+    w.registry_problem = "/var/lib/kubelet/plugins_registry is a regular file, not a directory"
+    assert w.step(r.Start()) == [r.Serve(1), r.Register(1, 1)]
+    assert w.reg.via == r.KUBELET_SOCKET_PATH
+
+
+def test_watcher_only_waits_while_plugins_registry_is_unusable():
+    w = WatcherWorld()
+    w.registry_problem = "plugins_registry directory: /x does not exist"
+    assert w.step(r.Start()) == []
+    assert w.reg.state is State.WAITING and w.reg.reason == w.registry_problem
+    w.registry_problem = ""
+    assert w.step(r.DirectoryBack(r.PLUGIN_WATCHER)) == [r.Serve(1, r.PLUGIN_WATCHER), r.Offer(1, 2)]
