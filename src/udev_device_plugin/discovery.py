@@ -1,4 +1,10 @@
-"""pyudev enumeration -> Snapshot.  The only module besides hotplug that touches pyudev."""
+"""sysfs -> Snapshot: which devices each resource has, with rule-based health.
+
+Devices are read through sysfs.py (sysfs and udev's database, as libudev reads them, at a
+fraction of pyudev's cost per device); pyudev is used only for what needs libudev's whole
+device list: the descendants of a device (``child_devnodes``), and subsystems without a
+directory to list.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pyudev
 
+from . import sysfs
 from .config import ResourceConfig
 from .matching import device_id, matches, rule_health
 from .model import HEALTHY, UNHEALTHY, Device, Snapshot, natural_key
+from .sysfs import SysDevice, Undecodable
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +30,6 @@ log = logging.getLogger(__name__)
 # named b"x\xff" (root can create one), a property or an attribute holding such bytes.  That
 # device is skipped with a warning naming what could not be read; the rest are served.
 SHOWN_BYTES = 128
-
-
-class Undecodable(Exception):
-    """udev data of a device that is not text in the file system encoding."""
-
-    def __init__(self, what: str, raw: bytes) -> None:
-        super().__init__(what)
-        self.what = what
-        self.raw = raw
 
 
 def escaped(raw: bytes) -> str:
@@ -55,96 +54,17 @@ def shown_path(sys_path: str) -> str:
     return escaped(os.fsencode(sys_path))
 
 
-def _text(what: str, read: Callable[[], Optional[str]]) -> Optional[str]:
-    try:
-        return read()
-    except UnicodeDecodeError as exc:
-        raise Undecodable(what, bytes(exc.object)) from None
-
-
-class _Properties(Mapping[str, str]):
-    """pyudev's properties, each decoded when asked for: an undecodable one raises Undecodable."""
-
-    __slots__ = ("_props",)
-
-    def __init__(self, props) -> None:  # type: ignore[no-untyped-def]
-        self._props = props
-
-    def __getitem__(self, name: str) -> str:
-        try:
-            return str(self._props[name])
-        except UnicodeDecodeError as exc:
-            raise Undecodable(f"property {name}", bytes(exc.object)) from None
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            names = list(self._props)
-        except UnicodeDecodeError as exc:
-            raise Undecodable("a property name", bytes(exc.object)) from None
-        return iter(names)
-
-    def __len__(self) -> int:
-        return len(self._props)
-
-
-class UdevView:
-    """A pyudev Device seen through the :class:`matching.DeviceView` protocol.
-
-    Raises :class:`Undecodable` (when built, or from :meth:`attribute` and ``properties``) for data
-    that is not text; the caller skips the device.
-    """
-
-    __slots__ = ("device", "sys_path", "sys_name", "subsystem", "devtype", "driver", "devnode", "properties")
-
-    def __init__(self, device) -> None:  # type: ignore[no-untyped-def]
-        self.device = device
-        self.sys_path: str = _text("its sys_path", lambda: device.sys_path) or ""
-        self.sys_name: str = _text("its kernel name", lambda: device.sys_name) or ""
-        self.subsystem: str = _text("its subsystem", lambda: device.subsystem) or ""
-        self.devtype: Optional[str] = _text("its DEVTYPE", lambda: device.device_type)
-        self.driver: Optional[str] = _text("its driver", lambda: device.driver)
-        self.devnode: Optional[str] = _text("its device node", lambda: device.device_node)
-        self.properties: Mapping[str, str] = _Properties(device.properties)
-
-    def attribute(self, name: str) -> Optional[str]:
-        try:
-            value = self.device.attributes.asstring(name)
-        except UnicodeDecodeError as exc:  # a ValueError: before the clause below
-            raise Undecodable(f"attribute {name}", bytes(exc.object)) from None
-        except (KeyError, OSError, ValueError):
-            return None
-        return value.strip() if value is not None else None
-
-
 @dataclass(frozen=True)
 class ScanResult:
     snapshot: Snapshot
     problems: Tuple[str, ...]
 
 
-def numa_nodes(device) -> Tuple[int, ...]:  # type: ignore[no-untyped-def]
-    """NUMA node of the device or its nearest parent that has one (>= 0)."""
-    dev = device
-    while dev is not None:
-        try:
-            raw = dev.attributes.asstring("numa_node")
-        except (KeyError, OSError, ValueError):  # UnicodeDecodeError too: no NUMA information
-            raw = None
-        if raw is not None:
-            try:
-                node = int(raw.strip())
-            except ValueError:
-                node = -1
-            if node >= 0:
-                return (node,)
-        dev = dev.parent
-    return ()
-
-
-def descendant_devnodes(context, device) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
+def descendant_devnodes(context, dev: SysDevice) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
     """(node, subsystem) of every descendant with a device node (a PCI card's /dev/accel/accel0),
     in natural order of the nodes.  Raises Undecodable for a descendant that is not text."""
-    own = device.sys_path
+    own = dev.sys_path
+    device = pyudev.Devices.from_sys_path(context, os.fsencode(own))
     nodes = []
     for child in context.list_devices().match_parent(device):
         try:
@@ -157,9 +77,9 @@ def descendant_devnodes(context, device) -> List[Tuple[str, str]]:  # type: igno
     return sorted(nodes, key=lambda n: natural_key(n[0]))
 
 
-def child_devnodes(context, device) -> List[str]:  # type: ignore[no-untyped-def]
+def child_devnodes(context, dev: SysDevice) -> List[str]:  # type: ignore[no-untyped-def]
     """Device nodes of every descendant, sorted (whatever the resource grants)."""
-    return [node for node, _ in descendant_devnodes(context, device)]
+    return [node for node, _ in descendant_devnodes(context, dev)]
 
 
 def vfio_group_devnode(sys_path: str) -> Tuple[Optional[str], str]:
@@ -179,7 +99,7 @@ def vfio_group_devnode(sys_path: str) -> Tuple[Optional[str], str]:
     return f"/dev/vfio/{group}", ""
 
 
-def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
+def evaluate(context, res: ResourceConfig, view: SysDevice,  # type: ignore[no-untyped-def]
              exists: Callable[[str], bool] = os.path.exists,
              withheld: Optional[List[str]] = None) -> Tuple[Optional[Device], str]:
     """One udev device seen as a device of ``res``: (Device, "") if it matches, else (None, why or "").
@@ -189,24 +109,24 @@ def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
     """
     # The subsystem first: a refresh may hand over any device, and one of another subsystem is
     # none of this resource's business, decodable or not.
-    if _text("its subsystem", lambda: udev.subsystem) != res.subsystem:
+    if view.subsystem != res.subsystem:
         return None, ""
-    view = UdevView(udev)
+    sys_path = sysfs.strict("its sys_path", view.sys_path)
     if not matches(res, view):
         return None, ""
     dev_id, why = device_id(res, view)
     if dev_id is None:
-        return None, f"{res.name}: {view.sys_path} skipped: {why}"
+        return None, f"{res.name}: {sys_path} skipped: {why}"
     nodes = [view.devnode] if view.devnode else []
     healthy, reason = rule_health(res, view)
     if res.vfio_group_devnode:
-        group_node, no_group = vfio_group_devnode(view.sys_path)
+        group_node, no_group = vfio_group_devnode(sys_path)
         if group_node is None:
             healthy, reason = False, f"no VFIO group node: {no_group}"
         elif group_node not in nodes:
             nodes.append(group_node)
     if res.child_devnodes or withheld is not None:
-        for node, subsystem in descendant_devnodes(context, udev):
+        for node, subsystem in descendant_devnodes(context, view):
             if res.grants_child(subsystem):
                 if node not in nodes:
                     nodes.append(node)
@@ -218,11 +138,11 @@ def evaluate(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
         healthy, reason = False, f"device node {gone[0]} is missing"
     elif missing_extra:
         healthy, reason = False, f"extra device node {missing_extra[0]} is missing"
-    return Device(res.name, dev_id, view.sys_path, view.sys_name, tuple(nodes), numa_nodes(udev),
+    return Device(res.name, dev_id, sys_path, view.sys_name, tuple(nodes), view.numa_nodes(),
                   HEALTHY if healthy else UNHEALTHY, reason), ""
 
 
-def _evaluate_safely(context, res: ResourceConfig, udev,  # type: ignore[no-untyped-def]
+def _evaluate_safely(context, res: ResourceConfig, udev: SysDevice,  # type: ignore[no-untyped-def]
                      exists: Callable[[str], bool],
                      withheld: Optional[List[str]] = None) -> Tuple[Optional[Device], str]:
     try:
@@ -230,14 +150,14 @@ def _evaluate_safely(context, res: ResourceConfig, udev,  # type: ignore[no-unty
     except Undecodable as exc:
         # The path itself is shown escaped; any other value follows the words naming it.
         value = "" if exc.what == "its sys_path" else f": {escaped(exc.raw)}"
-        return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: {exc.what} is not "
+        return None, (f"{res.name}: {shown_path(udev.sys_path)} skipped: {exc.what} is not "
                       f"{sys.getfilesystemencoding()} text{value}")
-    except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it
-        return None, (f"{res.name}: {shown_path(safe_sys_path(udev))} skipped: its udev data is not "
+    except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it (pyudev's)
+        return None, (f"{res.name}: {shown_path(udev.sys_path)} skipped: its udev data is not "
                       f"{sys.getfilesystemencoding()} text: {escaped(bytes(exc.object))}")
     except (OSError, LookupError, ValueError, pyudev.DeviceNotFoundError) as exc:
         # A device that vanishes mid-scan: its remove event will follow.
-        log.debug("%s: %s vanished during the scan: %s", res.name, shown_path(safe_sys_path(udev)), exc)
+        log.debug("%s: %s vanished during the scan: %s", res.name, shown_path(udev.sys_path), exc)
         return None, ""
 
 
@@ -256,7 +176,7 @@ def scan_resource(context, res: ResourceConfig,  # type: ignore[no-untyped-def]
     """
     problems: List[str] = []
     found: Dict[str, Device] = {}
-    for udev in context.list_devices(subsystem=res.subsystem):
+    for udev in subsystem_devices(context, res.subsystem):
         left_out: Optional[List[str]] = [] if withheld is not None else None
         device, problem = _evaluate_safely(context, res, udev, exists, left_out)
         if problem:
@@ -273,6 +193,15 @@ def scan_resource(context, res: ResourceConfig,  # type: ignore[no-untyped-def]
             device = dataclasses.replace(keep, shadows=keep.shadows + drop.shadows + (drop.sys_path,))
         found[device.id] = device
     return _ordered(found), problems
+
+
+def subsystem_devices(context, subsystem: str) -> List[SysDevice]:  # type: ignore[no-untyped-def]
+    """Every device of ``subsystem``: listed from sysfs, or by libudev for a subsystem sysfs has no
+    directory for."""
+    paths = sysfs.subsystem_paths(subsystem)
+    if paths is None:
+        paths = [safe_sys_path(d) for d in context.list_devices(subsystem=subsystem)]
+    return [SysDevice(p, subsystem) for p in paths]
 
 
 def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type: ignore[no-untyped-def]
@@ -296,10 +225,8 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
             if old is not None and old.shadows:
                 return None
             continue
-        try:
-            # Bytes: pyudev would encode a str strictly, and a surrogate-escaped path would fail.
-            udev = pyudev.Devices.from_sys_path(context, os.fsencode(sys_path))
-        except (pyudev.DeviceNotFoundError, OSError, ValueError):
+        udev = SysDevice(sys_path)
+        if not udev.exists():
             if old is not None and old.shadows:
                 return None
             continue  # gone already; its remove event follows

@@ -22,13 +22,28 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+=,-]{0,127}\Z")
 
 
 class DeviceView(Protocol):
-    sys_path: str
-    sys_name: str
-    subsystem: str
-    devtype: Optional[str]
-    driver: Optional[str]
-    devnode: Optional[str]
-    properties: Mapping[str, str]
+    """What matching reads of a device (read-only: sysfs.SysDevice reads each when asked)."""
+
+    @property
+    def sys_path(self) -> str: ...
+
+    @property
+    def sys_name(self) -> str: ...
+
+    @property
+    def subsystem(self) -> str: ...
+
+    @property
+    def devtype(self) -> Optional[str]: ...
+
+    @property
+    def driver(self) -> Optional[str]: ...
+
+    @property
+    def devnode(self) -> Optional[str]: ...
+
+    @property
+    def properties(self) -> Mapping[str, str]: ...
 
     def attribute(self, name: str) -> Optional[str]:
         """The sysfs attribute's value as text, stripped, or None when absent or unreadable."""

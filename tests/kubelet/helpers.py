@@ -148,3 +148,17 @@ def current_endpoint(node: Node, resource: str) -> str:
 
 def now() -> float:
     return time.time()
+
+
+def cli_inspect(node: Node, resource: str = MEM) -> Dict:
+    """``udev-device-plugin inspect --json``'s row for ``resource``, over both of the node's socket directories."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "udev_device_plugin", "inspect", "--kubelet-dir", node.dp,
+                          "--plugins-registry-dir", os.path.join(node.kroot, "plugins_registry"), "--json"],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise NodeError(f"inspect failed: {out.stderr}")
+    rows = {r["resource"]: r for r in json.loads(out.stdout)["resources"]}
+    return rows[resource]
