@@ -176,7 +176,8 @@ def test_inspect_json(kubelet, start_daemon, kubelet_dir):
     # The human form says the same.
     text = cli("inspect", "--kubelet-dir", kubelet_dir)
     assert text.returncode == 0
-    assert f"{MEM}: registered; stream connected since " in text.stdout and f"pid {daemon.pid}" in text.stdout
+    assert f"{MEM}: registered through the kubelet socket; stream connected since " in text.stdout
+    assert f"pid {daemon.pid}" in text.stdout
     # Asking did not disturb the kubelet's streams or registrations.
     assert kubelet.connected(MEM) and kubelet.connected(LOOP) and len(kubelet.requests) == 2
 
