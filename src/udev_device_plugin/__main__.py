@@ -1,5 +1,5 @@
 """``python -m udev_device_plugin``."""
 
-from .cli import main
+from .entry import main
 
 main()

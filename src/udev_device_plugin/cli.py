@@ -15,10 +15,11 @@ from typing import List, Optional
 
 import click
 
-from . import __version__, config, inspection
+from . import __version__, config, entry, inspection
 from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
 
 DEFAULT_CONFIG = config.DEFAULT_CONFIG
+assert DEFAULT_CONFIG == entry.DEFAULT_CONFIG
 
 _config_option = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
                               help="Main config file; drop-ins are read from conf.d/ beside it.")

@@ -28,7 +28,47 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+
+class _Value:
+    """A small immutable value (the events and actions below): its fields are its class's annotations,
+    defaults the class attributes.  Not a dataclass: dataclasses generate and compile code for every
+    class at import, which for the two dozen here cost the daemon's start more than all the rest."""
+
+    _fields: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes {len(self._fields)} arguments")
+        for name, value in zip(self._fields, args):
+            object.__setattr__(self, name, value)
+        for name, value in kwargs.items():
+            if name not in self._fields or name in self.__dict__:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated argument {name!r}")
+            object.__setattr__(self, name, value)
+        for name in self._fields:
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                raise TypeError(f"{type(self).__name__}: missing argument {name!r}")
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._values() == self._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
 
 FIRST_RETRY = 0.02
 # A kubelet that dials within its own 10 s timeout opens the stream well within this.
@@ -88,60 +128,51 @@ class Registration:
 
 # --- inputs ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Start:
+class Start(_Value):
     """The resource is to be served (daemon start, or added by a reload)."""
 
 
-@dataclass(frozen=True)
-class KubeletAppeared:
+class KubeletAppeared(_Value):
     """kubelet.sock exists with this identity (created, or found)."""
 
     kubelet: KubeletId
 
 
-@dataclass(frozen=True)
-class KubeletGone:
+class KubeletGone(_Value):
     """kubelet.sock was removed."""
 
 
-@dataclass(frozen=True)
-class SocketGone:
+class SocketGone(_Value):
     """Our socket file of ``endpoint`` was removed (a kubelet restart's clean-up, or an admin)."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class DirectoryLost:
+class DirectoryLost(_Value):
     """A socket directory (``via``'s) was removed, renamed or replaced; ``why`` says which."""
 
     why: str
     via: str = KUBELET_SOCKET_PATH
 
 
-@dataclass(frozen=True)
-class DirectoryBack:
+class DirectoryBack(_Value):
     """A real socket directory is at the configured path again."""
 
     via: str = KUBELET_SOCKET_PATH
 
 
-@dataclass(frozen=True)
-class InfoRequested:
+class InfoRequested(_Value):
     """The kubelet's plugin watcher asked GetInfo of our socket ``endpoint``."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class ServeFailed:
+class ServeFailed(_Value):
     endpoint: int
     why: str
 
 
-@dataclass(frozen=True)
-class Answered:
+class Answered(_Value):
     """The kubelet answered Register ``attempt``."""
 
     attempt: int
@@ -149,39 +180,33 @@ class Answered:
     why: str = ""
 
 
-@dataclass(frozen=True)
-class StreamOpened:
+class StreamOpened(_Value):
     endpoint: int
     stream: int
 
 
-@dataclass(frozen=True)
-class StreamEnded:
+class StreamEnded(_Value):
     endpoint: int
     stream: int
     by_us: bool  # we ended it (retiring or draining the socket)
     why: str = ""
 
 
-@dataclass(frozen=True)
-class Drained:
+class Drained(_Value):
     """The kubelet has closed every connection to the socket being drained."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class Tick:
+class Tick(_Value):
     """``deadline`` has passed."""
 
 
-@dataclass(frozen=True)
-class Verify:
+class Verify(_Value):
     """SIGUSR1 (the path unit): register again unless registered with the kubelet there now."""
 
 
-@dataclass(frozen=True)
-class Reregister:
+class Reregister(_Value):
     """What the kubelet read at registration changed (the options): register again."""
 
     why: str
@@ -193,8 +218,7 @@ Event = Union[Start, KubeletAppeared, KubeletGone, SocketGone, DirectoryLost, Di
 
 # --- outputs --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Serve:
+class Serve(_Value):
     """Serve the resource on a fresh socket numbered ``endpoint``: in the kubelet's socket directory,
     or (``via`` PLUGIN_WATCHER) in plugins_registry, where the socket is the offer itself."""
 
@@ -202,35 +226,30 @@ class Serve:
     via: str = KUBELET_SOCKET_PATH
 
 
-@dataclass(frozen=True)
-class Retire:
+class Retire(_Value):
     """Stop serving ``endpoint`` (its streams end) and remove its socket file."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class EndStreams:
+class EndStreams(_Value):
     """End the streams of ``endpoint`` but keep listening, to see the kubelet close its connection."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class WatchDrain:
+class WatchDrain(_Value):
     """Tell (Drained) when the kubelet has closed its connections to ``endpoint``; the socket serves on."""
 
     endpoint: int
 
 
-@dataclass(frozen=True)
-class Register:
+class Register(_Value):
     endpoint: int
     attempt: int
 
 
-@dataclass(frozen=True)
-class Offer:
+class Offer(_Value):
     """The socket ``endpoint`` in plugins_registry stands for registration ``attempt``: the plugin
     watcher's NotifyRegistrationStatus on it answers that attempt."""
 
@@ -238,8 +257,7 @@ class Offer:
     attempt: int
 
 
-@dataclass(frozen=True)
-class Log:
+class Log(_Value):
     level: int
     message: str
 
