@@ -489,7 +489,7 @@ class Daemon:
 
     def fatal(self, message: str) -> None:
         """Only a restart helps: stop, and exit non-zero so systemd restarts us."""
-        log.error("%s", message)
+        log.error("%s; exiting so that a restart can serve again", message)
         self._exit_status = EXIT_FAILURE
         if self._stopping is not None:
             self._stopping.set()

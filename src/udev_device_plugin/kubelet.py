@@ -372,8 +372,7 @@ class KubeletConnector:
                     watched = self.watched(action.via)
                     where = watched.path if watched is not None else self.kubelet_dir
                     self.fatal(f"cannot create sockets in {where}: read-only here (under systemd: the "
-                               "directory was replaced after the service started, outside its ReadWritePaths=); "
-                               "exiting so that a restart serves in the new directory")
+                               "directory was replaced after the service started, outside its ReadWritePaths=)")
                     return
                 why = exc.strerror or str(exc)
                 self.loop.call_soon(self.feed, plugin.name, registration.ServeFailed(action.endpoint, why))

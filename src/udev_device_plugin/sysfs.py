@@ -235,7 +235,8 @@ class SysDevice:
     def attribute(self, name: str) -> Optional[str]:
         """A sysfs attribute as text, stripped; None when absent or unreadable.  Raises Undecodable."""
         raw = read_file(f"{self.sys_path}/{name}")  # None: absent, a directory, or not readable
-        return None if raw is None else _decode(f"attribute {name}", raw).strip()
+        # libudev drops the trailing newlines before anything else looks at the value.
+        return None if raw is None else _decode(f"attribute {name}", raw.rstrip(b"\n")).strip()
 
     def numa_nodes(self) -> Tuple[int, ...]:
         """NUMA node of the device or its nearest ancestor that has one (>= 0).  Virtual devices have none."""

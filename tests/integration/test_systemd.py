@@ -250,6 +250,24 @@ def test_kill_9_restarts_and_reregisters(node: Node) -> None:
         f"registered again as {reg['endpoint']}")
 
 
+def test_kubelet_dir_removed_under_the_sandbox_exits_and_systemd_restarts_it(node: Node) -> None:
+    """The socket directory removed and recreated (kubeadm reset, rm -rf /var/lib/kubelet): in the
+    unit's mount namespace the new one is not writable (ReadWritePaths= bound the old one).  The daemon
+    exits 1 saying why; systemd restarts it in a new namespace, where it serves and registers."""
+    node.start_daemon()
+    pid, restarts = node.main_pid(), node.n_restarts()
+    removed = time.time()
+    node.ct.run("systemctl", "stop", "kubelet.service")
+    node.ct.run("sh", "-c", f"for i in 1 2 3 4 5; do rm -rf {KUBELET_DIR} && break; done; mkdir -p -m 0750 {KUBELET_DIR}")
+    node.ct.systemctl("start", "kubelet.service")
+    wait_for(lambda: node.n_restarts() >= restarts + 1 and node.active() and node.main_pid() not in (0, pid),
+             30, "systemd to restart the daemon that exited")
+    node.wait_message("exiting so that a restart can serve again")
+    reg = node.wait_registered("after the restart in a new namespace", since=removed)
+    say(f"{KUBELET_DIR} removed and recreated: PID {pid} exited, restarted as PID {node.main_pid()} "
+        f"(NRestarts={node.n_restarts()}), registered again as {reg['endpoint']}")
+
+
 def test_hung_main_loop_is_killed_by_watchdog(node: Node) -> None:
     node.add_dropin("watchdog", "[Service]\nWatchdogSec=2s\n")
     node.start_daemon()
