@@ -258,7 +258,9 @@ def test_kubelet_dir_removed_under_the_sandbox_exits_and_systemd_restarts_it(nod
     pid, restarts = node.main_pid(), node.n_restarts()
     removed = time.time()
     node.ct.run("systemctl", "stop", "kubelet.service")
-    node.ct.run("sh", "-c", f"for i in 1 2 3 4 5; do rm -rf {KUBELET_DIR} && break; done; mkdir -p -m 0750 {KUBELET_DIR}")
+    # The daemon may put a new socket in while rm empties it: retry, then make the new directory.
+    node.ct.run("sh", "-c", f"for i in 1 2 3 4 5; do rm -rf {KUBELET_DIR} && break; done; "
+                            f"mkdir -p -m 0750 {KUBELET_DIR}")
     node.ct.systemctl("start", "kubelet.service")
     wait_for(lambda: node.n_restarts() >= restarts + 1 and node.active() and node.main_pid() not in (0, pid),
              30, "systemd to restart the daemon that exited")
