@@ -1,9 +1,9 @@
 """sd_notify for Type=notify units.
 
-Uses the ``sdnotify`` package when it is installed.  RHEL 9 ships no
-python3-sdnotify, so the RPM does not require it and this module then speaks the
-protocol itself: one datagram to $NOTIFY_SOCKET (a path, or ``@name`` for the
-abstract namespace).
+Uses the ``sdnotify`` package when it is installed (EPEL 9 has python3-sdnotify;
+RHEL 10 and EPEL 10 have none, so the RPM requires it on EL9 only).  Without it this
+module speaks the protocol itself: one datagram to $NOTIFY_SOCKET (a path, or ``@name``
+for the abstract namespace).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 try:
     import sdnotify
-except ImportError:  # RHEL 9: no python3-sdnotify
+except ImportError:  # EL10: no python3-sdnotify
     sdnotify = None
 
 
