@@ -53,4 +53,8 @@ def test_a_device_named_with_non_utf8_bytes_while_serving(odd_link, start_daemon
     wait_until(lambda: good in kubelet.devices.get("example.com/net", {}), timeout=20, what=f"{good} advertised")
     log = daemon.log()
     assert daemon.proc.poll() is None and "Traceback" not in log
-    assert "\\xff" in log, "no warning naming the odd device's path, escaped"
+    # udevd renames such an interface (to udp_<suffix>) and announces the rename; whichever of the
+    # odd name and the new one reached the daemon, it was handled: skipped with a warning naming the
+    # path escaped, or advertised under its new name.
+    suffix = raw[4:].decode()
+    assert "\\xff" in log or f"udp_{suffix}" in kubelet.devices["example.com/net"], log[-2000:]
