@@ -23,8 +23,6 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import pyudev
-
 from . import commands, config, events
 from .discovery import touched
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
@@ -50,8 +48,8 @@ HOTPLUG_HOLDOFF = 0.02
 class Daemon:
     def __init__(self, config_path: str, kubelet_dir: Optional[str] = None,
                  notifier: Optional[Notifier] = None,
-                 context_factory: Callable[[], pyudev.Context] = pyudev.Context,
-                 monitor_factory: Optional[Callable[[pyudev.Context], HotplugMonitor]] = None,
+                 context_factory: Optional[Callable[[], Any]] = None,
+                 monitor_factory: Optional[Callable[[Any], HotplugMonitor]] = None,
                  sink: Optional[events.Sink] = None,
                  clock: Callable[[], float] = time.monotonic,
                  reap_strays: bool = False) -> None:
@@ -78,7 +76,9 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.runner: Optional[commands.Runner] = None
         self.connector: Optional[KubeletConnector] = None
-        self.context: Optional[pyudev.Context] = None
+        # A pyudev Context only where one is asked for: discovery reads sysfs itself and makes one
+        # (loading pyudev) only for what needs libudev's device list (child_devnodes).
+        self.context: Any = None
         self.monitor: Optional[HotplugMonitor] = None
         self.devnodes: Optional[DevnodeWatch] = None
         self._timers: Dict[str, asyncio.TimerHandle] = {}
@@ -150,7 +150,7 @@ class Daemon:
         self._started_at = self.clock()
         self.runner = commands.Runner(self.loop, reap_strays=self.reap_strays)
         self.prestarts = PrestartLimit()
-        self.context = self.context_factory()
+        self.context = self.context_factory() if self.context_factory is not None else None
         # The monitor opens before the first enumeration, so nothing in between is lost.
         self.monitor = self.monitor_factory(self.context)
         self.devnodes = DevnodeWatch()

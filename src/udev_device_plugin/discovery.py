@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import pyudev
-
 from . import sysfs
 from .config import ResourceConfig
 from .matching import device_id, matches, rule_health
@@ -60,9 +58,27 @@ class ScanResult:
     problems: Tuple[str, ...]
 
 
+def udev_context(context=None):  # type: ignore[no-untyped-def]
+    """``context``, or a pyudev Context made on first use: the daemon loads pyudev only if it needs it."""
+    global _CONTEXT
+    if context is not None:
+        return context
+    if _CONTEXT is None:
+        import pyudev
+
+        _CONTEXT = pyudev.Context()
+    return _CONTEXT
+
+
+_CONTEXT = None
+
+
 def descendant_devnodes(context, dev: SysDevice) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
     """(node, subsystem) of every descendant with a device node (a PCI card's /dev/accel/accel0),
     in natural order of the nodes.  Raises Undecodable for a descendant that is not text."""
+    import pyudev
+
+    context = udev_context(context)
     own = dev.sys_path
     device = pyudev.Devices.from_sys_path(context, os.fsencode(own))
     nodes = []
@@ -155,7 +171,7 @@ def _evaluate_safely(context, res: ResourceConfig, udev: SysDevice,  # type: ign
     except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it (pyudev's)
         return None, (f"{res.name}: {shown_path(udev.sys_path)} skipped: its udev data is not "
                       f"{sys.getfilesystemencoding()} text: {escaped(bytes(exc.object))}")
-    except (OSError, LookupError, ValueError, pyudev.DeviceNotFoundError) as exc:
+    except (OSError, LookupError, ValueError) as exc:  # pyudev's DeviceNotFoundError is a LookupError
         # A device that vanishes mid-scan: its remove event will follow.
         log.debug("%s: %s vanished during the scan: %s", res.name, shown_path(udev.sys_path), exc)
         return None, ""
@@ -200,7 +216,7 @@ def subsystem_devices(context, subsystem: str) -> List[SysDevice]:  # type: igno
     directory for."""
     paths = sysfs.subsystem_paths(subsystem)
     if paths is None:
-        paths = [safe_sys_path(d) for d in context.list_devices(subsystem=subsystem)]
+        paths = [safe_sys_path(d) for d in udev_context(context).list_devices(subsystem=subsystem)]
     return [SysDevice(p, subsystem) for p in paths]
 
 

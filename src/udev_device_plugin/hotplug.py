@@ -1,17 +1,17 @@
-"""The udev monitor: events only ask for a rescan of the resources they can touch."""
+"""The udev monitor (netlink, without libudev): events only ask for a rescan of the resources they can touch."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-import pyudev
-
 from . import inotify as ino
-from .discovery import safe_sys_path, shown_path
+from .discovery import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -31,48 +31,98 @@ class Overflow(Exception):
     """Events were lost (the netlink buffer overflowed): a full rescan is due."""
 
 
-class HotplugMonitor:
-    """A pyudev monitor on the ``udev`` source: events arrive after rules named and chmod-ed the nodes."""
+# The udev netlink protocol (systemd's sd-device/device-monitor.c): udevd multicasts every event it
+# has processed to group 2 of NETLINK_KOBJECT_UEVENT, as a "libudev" header and the device's
+# properties (KEY=VALUE, NUL-separated); the kernel's raw uevents go to group 1 as "action@devpath".
+NETLINK_KOBJECT_UEVENT = 15
+GROUPS = {"kernel": 1, "udev": 2}
+_UDEV_MAGIC = 0xFEEDCAFE
+_HEADER = struct.Struct("@8sIIII")  # prefix, magic (network order), header_size, properties_off, len
+_CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+_SO_RCVBUFFORCE = 33
+_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
+_MESSAGE_MAX = 256 * 1024
 
-    def __init__(self, context: pyudev.Context, source: str = "udev") -> None:
-        self.monitor = pyudev.Monitor.from_netlink(context, source=source)
+
+def parse_uevent(data: bytes, source: str) -> Optional[Dict[bytes, bytes]]:
+    """A netlink uevent's properties, or None when it is not a message of ``source``'s format."""
+    if source == "udev":
+        if len(data) < _HEADER.size or not data.startswith(b"libudev\0"):
+            return None
+        _, magic, header_size, offset, length = _HEADER.unpack_from(data)
+        if socket.ntohl(magic) != _UDEV_MAGIC or header_size > len(data) or offset + length > len(data):
+            return None
+        body = data[offset:offset + length]
+    else:
+        head, sep, body = data.partition(b"\0")
+        if not sep or b"@" not in head:
+            return None
+    return dict(item.partition(b"=")[::2] for item in body.split(b"\0") if b"=" in item)
+
+
+class HotplugMonitor:
+    """udev's events from the netlink multicast group, read without libudev.
+
+    The ``udev`` source: events arrive after udevd's rules named and chmod-ed the nodes.  Messages
+    not sent by root (SCM_CREDENTIALS, as libudev checks) or not in udev's format are dropped.
+    umockdev's preload library emulates this socket for its mock devices, as it does for libudev.
+    """
+
+    def __init__(self, context: object = None, source: str = "udev") -> None:
+        self.source = source
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                                  NETLINK_KOBJECT_UEVENT)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
         try:
-            self.monitor.set_receive_buffer_size(RECEIVE_BUFFER)
-        except OSError as exc:  # needs CAP_NET_ADMIN above rmem_max
-            log.debug("cannot enlarge the udev receive buffer: %s", exc)
-        self.monitor.start()
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:  # CAP_NET_ADMIN is needed above rmem_max
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError as exc:
+                log.debug("cannot enlarge the udev receive buffer: %s", exc)
+        self.sock.bind((0, GROUPS[source]))
 
     def fileno(self) -> int:
-        return int(self.monitor.fileno())
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
 
     def drain(self) -> List[UdevEvent]:
         """Every event waiting now, without blocking; raise Overflow when some were lost.
 
-        An event whose data does not decode (a device named with bytes that are not UTF-8,
-        which root can create) is skipped with a WARNING naming its path, escaped.
+        A device named with bytes that are not UTF-8 (root can make one: ip link add name
+        $'x\\xff' ...) keeps its path, undecodable bytes as surrogates, so that refresh() finds it
+        and skips it with a warning; an undecodable subsystem or action skips the event.
         """
         events: List[UdevEvent] = []
         lost = False
+        cmsg_space = socket.CMSG_SPACE(_CREDENTIALS.size)
         while True:
             try:
-                device = self.monitor.poll(timeout=0)
+                data, ancillary, _, _ = self.sock.recvmsg(_MESSAGE_MAX, cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     lost = True
                     continue
-                if exc.errno in (errno.EAGAIN, errno.EINTR):
-                    break
                 raise
-            if device is None:
-                break
-            # A device named with bytes that are not UTF-8 (root can make one: ip link add name
-            # $'x\xff' ...) keeps its path, undecodable bytes as surrogates, so that refresh()
-            # finds it and skips it with a warning; any other undecodable field skips the event.
-            sys_path = safe_sys_path(device)
+            if not self._from_root(ancillary):
+                continue
+            props = parse_uevent(data, self.source)
+            if props is None:
+                continue
+            devpath = props.get(b"DEVPATH")
+            if devpath is None:
+                continue
+            sys_path = "/sys" + os.fsdecode(devpath)
             try:
-                action = device.action or ""
-                subsystem = device.subsystem
-            except (UnicodeDecodeError, ValueError) as exc:
+                action = props.get(b"ACTION", b"").decode("utf-8")
+                raw_subsystem = props.get(b"SUBSYSTEM")
+                subsystem = raw_subsystem.decode("utf-8") if raw_subsystem is not None else None
+            except UnicodeDecodeError as exc:
                 log.warning("udev event for %s skipped: its data is not text (%s)", shown_path(sys_path), exc)
                 continue
             if action in ACTIONS:
@@ -80,6 +130,14 @@ class HotplugMonitor:
         if lost:
             raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
         return events
+
+    @staticmethod
+    def _from_root(ancillary: List[Tuple[int, int, bytes]]) -> bool:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS and len(data) >= _CREDENTIALS.size:
+                _, uid, _ = _CREDENTIALS.unpack_from(data)
+                return uid == 0
+        return False
 
 
 class Coalescer:
