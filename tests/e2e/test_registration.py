@@ -107,9 +107,11 @@ def test_kubelet_absent_at_start_then_appears(kubelet_dir, start_daemon):
     try:
         kubelet.wait_live(MEM, devices=3)
         # The stand-in removed every socket at start, as a kubelet does; we served again on a fresh one.
-        [request] = kubelet.requests
-        assert request.endpoint != name
-        assert our_sockets(kubelet_dir) == [request.endpoint]
+        # (A Register that races the stand-in's own start-up can be refused once, and is retried.)
+        accepted = kubelet.endpoints(MEM)
+        assert len(accepted) == 1 and len(kubelet.requests) <= 2, (kubelet.refused, daemon.log())
+        assert accepted[0] != name
+        assert our_sockets(kubelet_dir) == accepted
     finally:
         kubelet.stop()
 
