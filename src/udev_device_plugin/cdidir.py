@@ -38,10 +38,12 @@ def _why(exc: OSError, path: str) -> str:
     if exc.errno == errno.EROFS:
         return (f"{path} is on a read-only file system here (under systemd: not in the service's "
                 "ReadWritePaths=, see udev-device-plugin(8), Sandbox)")
-    if exc.errno == errno.ELOOP:
-        return f"{path} is a symbolic link, which is not followed"
-    if exc.errno == errno.ENOTDIR:
-        return f"{path} is not a directory"
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR on Linux, ELOOP elsewhere.
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return f"{path} is a symbolic link, which is not followed"
+        return f"{path} is not a directory" if exc.errno == errno.ENOTDIR else f"{path}: {exc.strerror}"
     return f"{path}: {exc.strerror}"
 
 
