@@ -191,57 +191,79 @@ def preferred(devices: Mapping[str, Device], available: Sequence[str], must_incl
     if len(result) >= size:
         return result
     taken = set(result)
-    candidates = [i for i in avail if i not in taken]
-
-    def usable(i: str) -> Optional[Device]:
-        dev = devices.get(i)
-        return dev if dev is not None and dev.healthy else None
-
-    free_per_node: Counter = Counter()
-    free_per_device: Counter = Counter()
+    # One pass over the candidates groups the usable ones by device; the ranking is per device
+    # (the kubelet sends every free ID: 10,000 with 100 devices of 100 replicas).
     of_device: Dict[str, List[str]] = {}
-    for i in candidates:
-        dev = usable(i)
-        if dev is not None:
-            free_per_node.update(dev.numa_nodes)
-            free_per_device[dev.id] += 1
-            of_device.setdefault(dev.id, []).append(i)
-    chosen_per_device = Counter(dev.id for dev in (devices.get(i) for i in result) if dev is not None)
-    for i in result:
+    device_of: Dict[str, Device] = {}
+    rest: List[str] = []
+    for i in avail:
+        if i in taken:
+            continue
         dev = devices.get(i)
-        if dev is not None:
-            free_per_device[dev.id] += 1  # the kubelet lists must_include among the available: free of others
+        if dev is None or not dev.healthy:
+            rest.append(i)  # Allocate would refuse these: only to make up the size
+            continue
+        group = of_device.get(dev.id)
+        if group is None:
+            group = of_device[dev.id] = []
+            device_of[dev.id] = dev
+        group.append(i)
+    chosen: Counter = Counter(dev.id for dev in (devices.get(i) for i in result) if dev is not None)
+    free_per_node: Counter = Counter()
+    for device_id, ids in of_device.items():
+        for n in device_of[device_id].numa_nodes:
+            free_per_node[n] += len(ids)
+        if len(ids) > 1:
+            ids.sort(key=lambda i: (replica_of.get(i, 0), i))
     anchor = {n for i in result if i in devices for n in devices[i].numa_nodes}
     # Rank NUMA nodes: those of already-chosen devices, then by most free, then lowest number.
     node_rank: Dict[int, Tuple[int, int, int]] = {
         n: (0 if n in anchor else 1, -count, n) for n, count in free_per_node.items()
     }
-    device_order = {d: k for k, d in enumerate(sorted(of_device, key=lambda d: (natural_key(d), d)))}
-    # Each candidate's place among its device's candidates (by replica number, then ID).
-    position: Dict[str, int] = {}
-    for ids in of_device.values():
-        ids.sort(key=lambda i: (replica_of.get(i, 0), i))
-        for k, i in enumerate(ids):
-            position[i] = k
-    spread = policy != "pack"
 
-    def rank(i: str) -> Tuple[Tuple[int, int, int], Tuple[int, int, int, int], object, str]:
-        dev = usable(i)
-        if dev is None:
-            # Unknown or unhealthy: Allocate would refuse these, so only to make up the size.
-            # Any text the kubelet sends (megabytes, say): ordered by a bounded prefix, then the
-            # whole ID, which keeps the order total and the cost of a sort linear in the request.
-            return (3, 0, 0), (0, 0, 0, 0), natural_key(i[:SORT_PREFIX]), i
-        ranks = [node_rank[n] for n in dev.numa_nodes]
+    def numa(device_id: str) -> Tuple[int, int, int]:
         # Devices without NUMA information come after every NUMA-local one.
-        numa = min(ranks) if ranks else (2, 0, 0)
-        in_use = replicas - free_per_device[dev.id]  # replicas of the device other containers hold
-        if spread:
-            order = (chosen_per_device[dev.id] + position[i], in_use, device_order[dev.id], position[i])
-        else:
-            order = (0 if chosen_per_device[dev.id] else 1, -in_use, device_order[dev.id], position[i])
-        # The ID itself breaks the last ties (loop01/loop1), as the kubelet sends IDs in no set order.
-        return numa, order, (), i
+        return min((node_rank[n] for n in device_of[device_id].numa_nodes), default=(2, 0, 0))
 
-    candidates.sort(key=rank)
-    return result + candidates[:size - len(result)]
+    def in_use(device_id: str) -> int:
+        # Replicas of the device that other containers hold (the kubelet lists must_include as available).
+        return replicas - len(of_device[device_id]) - chosen[device_id]
+
+    # Natural order of the device IDs, the ID itself breaking ties (loop01/loop1): the kubelet sends
+    # IDs in no set order, and the answer must not depend on it.
+    order = {d: k for k, d in enumerate(sorted(of_device, key=lambda d: (natural_key(d), d)))}
+    by_numa: Dict[Tuple[int, int, int], List[str]] = {}
+    for device_id in sorted(of_device, key=order.__getitem__):
+        by_numa.setdefault(numa(device_id), []).append(device_id)
+    need = size - len(result)
+    out: List[str] = []
+    for rank in sorted(by_numa):
+        group = by_numa[rank]
+        if policy == "pack":
+            group.sort(key=lambda d: (0 if chosen[d] else 1, -in_use(d), order[d]))
+            for device_id in group:
+                out.extend(of_device[device_id][:need - len(out)])
+                if len(out) >= need:
+                    break
+        else:
+            # Spread: a device's j-th candidate belongs to round chosen + j; each round takes one
+            # replica of each device that has one left, the least used devices first.
+            group.sort(key=lambda d: (in_use(d), order[d]))
+            last = max(chosen[d] + len(of_device[d]) for d in group)
+            r = min(chosen[d] for d in group)
+            while r < last and len(out) < need:
+                for device_id in group:
+                    j = r - chosen[device_id]
+                    if 0 <= j < len(of_device[device_id]):
+                        out.append(of_device[device_id][j])
+                        if len(out) >= need:
+                            break
+                r += 1
+        if len(out) >= need:
+            break
+    if len(out) < need:
+        # Any text the kubelet sends (megabytes, say): ordered by a bounded prefix, then the whole
+        # ID, which keeps the order total and the cost of a sort linear in the request.
+        rest.sort(key=lambda i: (natural_key(i[:SORT_PREFIX]), i))
+        out.extend(rest[:need - len(out)])
+    return result + out

@@ -95,7 +95,14 @@ class Spec(NamedTuple):
     problems: Tuple[str, ...]
 
 
-_Entry = Tuple[Tuple[Any, ...], List[Tuple[str, str]], List[str]]  # key, (advertised ID, name)s, JSON lines
+class _Entry(NamedTuple):
+    """One device's part of the spec, kept while the device's nodes and IDs stay the same."""
+
+    key: Tuple[Any, ...]
+    ids: Tuple[str, ...]
+    names: Tuple[str, ...]  # CDI device names, one per ID
+    qualified: Tuple[str, ...]  # kind=name
+    lines: Tuple[str, ...]  # JSON, one CDI device each
 
 
 class SpecBuilder:
@@ -118,22 +125,28 @@ class SpecBuilder:
             ids = ids_of.get(device_id)
             if not ids or not dev.devnodes:
                 continue
-            key = (shape, dev.id, dev.sys_name, dev.devnodes, ids)
+            key = (shape, res.cdi_kind, dev.id, dev.sys_name, dev.devnodes, ids)
             entry = self._entries.get(device_id)
-            if entry is None or entry[0] != key:
+            if entry is None or entry.key != key:
                 nodes = [{"path": container_path(res, dev, n), "hostPath": n, "permissions": res.permissions}
                          for n in dev.devnodes]
-                pairs = [(i, device_name(i)) for i in ids]
-                entry = (key, pairs, [json.dumps({"name": name, "containerEdits": {"deviceNodes": nodes}})
-                                      for _, name in pairs])
+                cdi_names = tuple(device_name(i) for i in ids)
+                entry = _Entry(key, ids, cdi_names, tuple(f"{res.cdi_kind}={n}" for n in cdi_names),
+                               tuple(json.dumps({"name": n, "containerEdits": {"deviceNodes": nodes}})
+                                     for n in cdi_names))
             entries[device_id] = entry
-            for (advertised_id, name), line in zip(entry[1], entry[2]):
+            if taken.keys().isdisjoint(entry.names) and len(set(entry.names)) == len(entry.names):
+                taken.update(zip(entry.names, entry.ids))  # the common case, at C speed
+                names.update(zip(entry.ids, entry.qualified))
+                lines.extend(entry.lines)
+                continue
+            for advertised_id, name, qualified, line in zip(entry.ids, entry.names, entry.qualified, entry.lines):
                 if name in taken:
                     problems.append(f"{res.name}: the CDI name {name!r} of {advertised_id!r} is already that of "
                                     f"{taken[name]!r}; {advertised_id!r} is left out of the CDI spec")
                     continue
                 taken[name] = advertised_id
-                names[advertised_id] = f"{res.cdi_kind}={name}"
+                names[advertised_id] = qualified
                 lines.append(line)
         self._entries = entries
         if not lines:

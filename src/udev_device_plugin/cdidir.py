@@ -5,7 +5,7 @@ As in sockdir.py, the daemon runs as root and writes into a directory others may
 directory is opened with O_DIRECTORY|O_NOFOLLOW (a symlink put in its place is refused, not
 followed) and every file operation goes through that descriptor: a temporary file created with
 O_EXCL|O_NOFOLLOW, mode 0644 whatever the umask (runtimes read specs as other users too), written,
-fsync'ed, then renamed over the spec's name (a runtime never reads half a spec; a symlink at that
+then renamed over the spec's name (a runtime never reads half a spec; a symlink at that
 name is replaced, not followed).  Only regular files of ours are removed.
 
 Problems are values: a directory that cannot be written is logged as an error naming
@@ -118,7 +118,9 @@ class SpecDir:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view):]
-                os.fsync(out)
+                # No fsync: readers see the old spec or the new one either way (the rename), and after
+                # a crash the daemon writes every spec again when it starts; an fsync would only put
+                # milliseconds of disk I/O between a hotplug event and the kubelet's list.
                 inode = os.fstat(out).st_ino
             except BaseException:
                 os.close(out)

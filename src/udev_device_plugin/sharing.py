@@ -81,7 +81,8 @@ class Advertised(NamedTuple):
     left_out: Tuple[str, ...]  # devices not advertised: the list would pass LIST_LIMIT
 
 
-_Chunk = Tuple[Device, int, bytes]  # the device as encoded, with how many replicas, and its bytes
+# The device as encoded, with how many replicas, its advertised IDs, and their bytes.
+_Chunk = Tuple[Device, int, Tuple[str, ...], bytes]
 
 
 class Encoder:
@@ -101,13 +102,15 @@ class Encoder:
             if old is not None and old[1] == replicas and old[0] == dev:
                 chunk = old
             else:
-                chunk = (dev, replicas, encode_device(dev, replica_ids(dev.id, replicas)))
-            if left_out or size + len(chunk[2]) > limit:
+                ids = old[2] if old is not None and old[1] == replicas and old[0].id == dev.id \
+                    else replica_ids(dev.id, replicas)
+                chunk = (dev, replicas, ids, encode_device(dev, ids))
+            if left_out or size + len(chunk[3]) > limit:
                 left_out.append(device_id)  # and every device after it: the list keeps its order
                 continue
             chunks[device_id] = chunk
-            parts.append(chunk[2])
-            size += len(chunk[2])
+            parts.append(chunk[3])
+            size += len(chunk[3])
             kept.append(dev)
         self._chunks = chunks
         payload = b"".join(parts)
@@ -118,10 +121,10 @@ class Encoder:
         by_id: Dict[str, Device] = {}
         replica_of: Dict[str, int] = {}
         ids_of = {}
+        numbers = range(replicas)
         for dev in kept:
-            ids = replica_ids(dev.id, replicas)
+            ids = chunks[dev.id][2]
             ids_of[dev.id] = ids
-            for k, advertised_id in enumerate(ids):
-                by_id[advertised_id] = dev
-                replica_of[advertised_id] = k
+            by_id.update(dict.fromkeys(ids, dev))
+            replica_of.update(zip(ids, numbers))
         return Advertised(by_id, replica_of, ids_of, replicas, payload, tuple(left_out))
