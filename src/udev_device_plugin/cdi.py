@@ -111,21 +111,25 @@ class SpecBuilder:
 
     def __init__(self) -> None:
         self._entries: Dict[str, _Entry] = {}
+        self._last: Optional[Tuple[Any, Spec]] = None  # what the last build was of, and its spec
 
     def build(self, res: ResourceConfig, devices: Mapping[str, Device],
               ids_of: Mapping[str, Tuple[str, ...]]) -> Spec:
         """The spec of ``res`` for its ``devices`` (device ID -> device), advertised as ``ids_of``."""
+        shape = (res.name, res.permissions, res.container_path.text)
+        keyed = [(device_id, dev, (shape, res.cdi_kind, dev.id, dev.sys_name, dev.devnodes, ids_of[device_id]))
+                 for device_id, dev in devices.items() if ids_of.get(device_id) and dev.devnodes]
+        # Nothing the spec says changed (a health change, a scan that found the same): the same spec.
+        what = (res, [k for _, _, k in keyed])
+        if self._last is not None and self._last[0] == what:
+            return self._last[1]
         entries: Dict[str, _Entry] = {}
         lines: List[str] = []
         names: Dict[str, str] = {}
         taken: Dict[str, str] = {}  # CDI name -> advertised ID
         problems: List[str] = []
-        shape = (res.name, res.permissions, res.container_path.text)
-        for device_id, dev in devices.items():
-            ids = ids_of.get(device_id)
-            if not ids or not dev.devnodes:
-                continue
-            key = (shape, res.cdi_kind, dev.id, dev.sys_name, dev.devnodes, ids)
+        for device_id, dev, key in keyed:
+            ids = key[-1]
             entry = self._entries.get(device_id)
             if entry is None or entry.key != key:
                 nodes = [{"path": container_path(res, dev, n), "hostPath": n, "permissions": res.permissions}
@@ -150,10 +154,13 @@ class SpecBuilder:
                 lines.append(line)
         self._entries = entries
         if not lines:
-            return Spec(None, names, tuple(problems))
-        head = json.dumps({"cdiVersion": CDI_VERSION, "kind": res.cdi_kind})[:-1]
-        text = head + ', "devices": [\n' + ",\n".join(lines) + "\n]"
-        common = _common_edits(res)
-        if common:
-            text += ', "containerEdits": ' + json.dumps(common)
-        return Spec((text + "}\n").encode(), names, tuple(problems))
+            spec = Spec(None, names, tuple(problems))
+        else:
+            head = json.dumps({"cdiVersion": CDI_VERSION, "kind": res.cdi_kind})[:-1]
+            text = head + ', "devices": [\n' + ",\n".join(lines) + "\n]"
+            common = _common_edits(res)
+            if common:
+                text += ', "containerEdits": ' + json.dumps(common)
+            spec = Spec((text + "}\n").encode(), names, tuple(problems))
+        self._last = (what, spec)
+        return spec

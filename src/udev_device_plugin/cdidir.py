@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Any, Callable, Dict, Iterable, Optional, Set
 
-from .cdi import SPEC_PREFIX, SPEC_SUFFIX, SpecBuilder, spec_file
+from .cdi import SPEC_PREFIX, SPEC_SUFFIX, Spec, SpecBuilder, spec_file
 from .model import CdiView
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ class _Written:
         self.digest = b""  # of the content written ("": none)
         self.problem = ""
         self.first = True  # nothing put yet: a file at our name is an earlier run's
+        self.spec: Optional[Spec] = None  # the last spec synced
 
 
 class CdiSpecs:
@@ -225,9 +226,12 @@ class CdiSpecs:
                 self._remove_file(written)
             written = self._specs[name] = _Written(self.directory, spec_file(res))
         spec = written.builder.build(res, state.current()[1], state.advertised().ids_of)
+        path = os.path.join(self.directory, written.file)
+        if spec is written.spec and not written.problem and not written.first:
+            return  # the same spec object: nothing the file says changed, and it is written
+        written.spec = spec
         for problem in spec.problems:
             log.warning("%s", problem)
-        path = os.path.join(self.directory, written.file)
         digest = hashlib.sha256(spec.text).digest() if spec.text is not None else b""
         problem = ""
         if digest != written.digest or written.problem or written.first:

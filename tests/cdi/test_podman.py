@@ -27,11 +27,15 @@ def spec_path(resource: str) -> str:
 
 
 def test_podman_runs_containers_with_the_allocated_cdi_devices(system_cdi_dir, cdi_vendor, podman, kubelet,
-                                                                start_daemon):
+                                                                start_daemon, tmp_path):
     mem = f"{cdi_vendor}/mem"
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "note").write_text("from the host\n")
     daemon = start_daemon(f"[plugin]\ncdi_spec_dir = {system_cdi_dir}\n\n[resource {mem}]\nsubsystem = mem\n"
-                 "kernel = null zero full\nreplicas = 2\ncontainer_path = /dev/udp/{id}\n"
-                 "extra_devnodes = /dev/urandom\nenv =\n    UDP_FIXED=yes\n    UDP_IDS={ids}\ncdi = yes\n")
+                          "kernel = null zero full\nreplicas = 2\ncontainer_path = /dev/udp/{id}\n"
+                          "extra_devnodes = /dev/urandom\nenv =\n    UDP_FIXED=yes\n    UDP_IDS={ids}\n"
+                          f"mounts = {share}:/udp/share:ro\ncdi = yes\n")
     assert kubelet.wait_for(lambda: len(kubelet.devices.get(mem, {})) == 6, 20), kubelet.devices
     with open(spec_path(mem), "rb") as f:
         assert cdirules.problems(f.read()) == []
@@ -42,13 +46,14 @@ def test_podman_runs_containers_with_the_allocated_cdi_devices(system_cdi_dir, c
     assert names == [f"{mem}=zero::1", f"{mem}=full::0"]
     done = podman.run(names, 'stat -c "%n %t:%T" /dev/udp/zero /dev/udp/full /dev/urandom; '
                              "head -c 5 /dev/udp/zero | wc -c; echo \"fixed=$UDP_FIXED ids=${UDP_IDS:-none}\"; "
-                             "test -e /dev/udp/null && echo null-too || echo no-null")
+                             "test -e /dev/udp/null && echo null-too || echo no-null; cat /udp/share/note; "
+                             "echo x > /udp/share/new 2>/dev/null && echo writable || echo read-only")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"/dev/udp/zero {node_numbers('/dev/zero')}", f"/dev/udp/full {node_numbers('/dev/full')}",
         f"/dev/urandom {node_numbers('/dev/urandom')}", "5",
-        # The spec carries the fixed entry; {ids} is the allocation's, in the Allocate answer only.
-        "fixed=yes ids=none", "no-null"]
+        # The spec carries the fixed entries; {ids} is the allocation's, in the Allocate answer only.
+        "fixed=yes ids=none", "no-null", "from the host", "read-only"]
     assert dict(answer.envs) == {"UDP_FIXED": "yes", "UDP_IDS": "zero,full"}
 
     # Any replica resolves; without a CDI device nothing of ours is there; an unknown one is refused.
