@@ -42,7 +42,7 @@ DEB_PACKAGES := make git ca-certificates python3-venv udev umockdev gir1.2-umock
 	busybox-static iproute2 podman
 
 .PHONY: all demo venv venv-el9 venv-el10 venv-ansible deb-packages test test-unit test-newest \
-	test-newest-python test-el9 test-el10 test-stacks test-system test-kubelet lint check bench install \
+	test-newest-python test-el9 test-el10 test-stacks test-system test-cdi test-kubelet lint check bench install \
 	clean proto
 
 all: check
@@ -109,8 +109,9 @@ demo: venv
 
 # README's second command: the Debian packages, lint, the suite on each stack (newest, also on
 # protobuf's pure-Python backend; EL9; EL10), bytes across stacks, then the system tests (a real
-# systemd in a container, the RPM, the Ansible role) and the real kubelet.
-test: deb-packages lint test-newest test-newest-python test-el9 test-el10 test-stacks test-system test-kubelet
+# systemd in a container, the RPM, the Ansible role), CDI specs read by podman, and the real kubelet.
+test: deb-packages lint test-newest test-newest-python test-el9 test-el10 test-stacks test-system test-cdi \
+	test-kubelet
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -148,6 +149,11 @@ test-stacks: venv venv-el9 venv-el10
 
 test-system: venv venv-ansible | deb-packages
 	$(LOCKED) $(VENV)/bin/python -m pytest tests/integration tests/ansible $(PYTEST_ARGS)
+
+# The daemon's CDI specs read by a real consumer: Debian's podman runs containers with the CDI devices
+# Allocate names (root; /var/run/cdi, podman's only spec directories besides /etc/cdi; real udevd).
+test-cdi: venv | deb-packages
+	$(LOCKED) $(VENV)/bin/python -m pytest tests/cdi $(PYTEST_ARGS)
 
 # The daemon against a real kubelet and containerd (tests/kubelet builds the kubelet).
 test-kubelet: venv | deb-packages

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import click
 
-from . import __version__, config, entry, inspection
+from . import __version__, cdidir, config, entry, inspection
 from .daemon import EXIT_CONFIG, EXIT_FAILURE, serve
 
 DEFAULT_CONFIG = config.DEFAULT_CONFIG
@@ -62,6 +62,15 @@ def check_config(config_path: str, dropins: List[str], kubelet_dir: Optional[str
         click.echo(f"--kubelet-dir {kubelet_dir!r}: accepted: a normalized absolute directory path", err=True)
         sys.exit(EXIT_CONFIG)
     cfg = _load_or_exit(config_path, list(dropins))
+    with_cdi = [r.name for r in cfg.resources if r.cdi]
+    problem = cdidir.check(cfg.plugin.cdi_spec_dir) if with_cdi else None
+    if problem:
+        # Known only here, not in config.parse (pure): the daemon itself logs it and serves on.
+        click.echo(f"{config_path}: [plugin] cdi_spec_dir = {cfg.plugin.cdi_spec_dir!r}: {problem}; accepted: a "
+                   f"directory root can write (created when missing) for the CDI specs of {', '.join(with_cdi)}",
+                   err=True)
+        click.echo("invalid configuration: 1 error(s)", err=True)
+        sys.exit(EXIT_CONFIG)
     click.echo(f"configuration valid: {len(cfg.resources)} resource(s) from {len(cfg.sources)} file(s)")
     for res in cfg.resources:
         click.echo(f"  {res.name} ({res.source})")
@@ -79,8 +88,12 @@ def list_cmd(config_path: str, as_json: bool) -> None:
         return
     for res in rows:
         click.echo(f"{res['resource']}: {len(res['devices'])} device(s)")
+        for line in inspection.resource_lines(res):
+            click.echo("  " + line)
         for dev in res["devices"]:
             click.echo("  " + inspection.device_line(dev))
+            for line in inspection.sharing_lines(dev):
+                click.echo("      " + line)
         for problem in res["problems"]:
             click.echo(f"  ! {problem}")
 

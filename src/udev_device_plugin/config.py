@@ -39,6 +39,17 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_SINKS = ("auto", "journal", "stderr")
 ID_SOURCES = ("sys_name", "devnode", "property.<NAME>", "attribute.<name>")
 
+# Sharing: each device advertised as this many IDs at most.  256 is above the most pods a node
+# runs (the kubelet's max-pods default is 110; OpenShift's default is 250), so one device can go
+# to every pod; and 100 devices x 256 replicas of the longest IDs (~160 bytes per ListAndWatch
+# entry) stay within the 4 MiB the kubelet's gRPC client accepts per message (sharing.py
+# enforces that limit at run time too: devices come and go).
+MAX_REPLICAS = 256
+REPLICA_POLICIES = ("spread", "pack")
+# Where CDI spec files go by default: the runtime directory every CDI consumer reads
+# (containerd, CRI-O, podman; /etc/cdi is the other, for specs an admin installs).
+CDI_SPEC_DIR = "/var/run/cdi"
+
 # Variables a template may use.  Per device node (container_path) and per
 # allocation (mounts, env, annotations).
 DEVNODE_VARS = ("devnode", "name", "id", "sys_name", "resource")
@@ -122,6 +133,14 @@ class ResourceConfig:
     # (ALL_CHILDREN: every one; (): none, the default).
     child_devnodes: Tuple[str, ...] = ()
     vfio_group_devnode: bool = False
+    # Each device advertised as ``replicas`` IDs (sharing.py), chosen by ``replica_policy``.
+    replicas: int = 1
+    replica_policy: str = "spread"
+    # CDI (cdi.py): a spec file in [plugin] cdi_spec_dir; cdi_kind is resolved at parse time
+    # ("" while cdi is off).
+    cdi: bool = False
+    cdi_kind: str = ""
+    cdi_only: bool = False
 
     def grants_child(self, subsystem: Optional[str]) -> bool:
         """True if a descendant of this subsystem gives its device node with the device."""
@@ -145,6 +164,7 @@ class PluginConfig:
     strict_permissions: bool = True
     registration: str = "kubelet-socket"
     plugins_registry_dir: str = PLUGINS_REGISTRY_DIR
+    cdi_spec_dir: str = CDI_SPEC_DIR
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,7 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "registration": ("kubelet-socket", "how resources register: kubelet-socket (Register on kubelet.sock), "
                      "plugin-watcher (a socket in plugins_registry_dir), or both (the watcher, then kubelet.sock)"),
     "plugins_registry_dir": (PLUGINS_REGISTRY_DIR, "directory the kubelet's plugin watcher watches"),
+    "cdi_spec_dir": (CDI_SPEC_DIR, "directory where resources with cdi = yes get their CDI spec files"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -200,6 +221,11 @@ RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
     "health_interval": ("30", "seconds between health_command runs"),
     "health_timeout": ("10", "seconds before a health_command run counts as unhealthy; below health_interval"),
     "health_threshold": ("1", "consecutive equal results before health changes"),
+    "replicas": ("1", f"IDs advertised per device, 1-{MAX_REPLICAS}: how many containers may share each device"),
+    "replica_policy": ("spread", "preferred allocations: spread over distinct devices first, or pack onto few"),
+    "cdi": ("no", "yes: write a CDI spec file for the resource and answer Allocate with its CDI devices"),
+    "cdi_kind": ("(the resource name)", "CDI kind vendor.example/class of the spec; with cdi = yes"),
+    "cdi_only": ("no", "yes: Allocate gives only the CDI devices, no device nodes; with cdi = yes"),
 }
 
 
@@ -223,6 +249,29 @@ def validate_resource_name(name: str) -> Optional[str]:
         return "the prefix must be a lowercase DNS subdomain, as in example.com"
     if not short or len(short) > 63 or not _QUALIFIED_NAME.match(short):
         return "the part after '/' must be 1-63 characters of [A-Za-z0-9-_.], starting and ending alphanumeric"
+    return None
+
+
+# CDI names as the CDI parser of spec version 0.5.0 takes them (container-device-interface
+# v0.5.x, pkg/cdi/qualified-device.go: what podman 4.3 and containerd 1.7 run): a vendor starts
+# with a letter, a class has no dots (dots came with 0.6.0), both end with a letter or digit.
+# The spec's text also limits the vendor (a DNS subdomain) to 253 and the class to 63 characters.
+_CDI_VENDOR = re.compile(rf"^[a-z]([-a-z0-9]*[a-z0-9])?(\.{_DNS1123_LABEL})*\Z")
+_CDI_CLASS = re.compile(r"^[A-Za-z]([A-Za-z0-9_-]*[A-Za-z0-9])?\Z")
+
+
+def validate_cdi_kind(kind: str) -> Optional[str]:
+    """Return why ``kind`` is not a CDI kind (``vendor.example/class``) of spec 0.5.0, or None."""
+    vendor, sep, klass = kind.partition("/")
+    if not sep or not vendor or not klass:
+        return "must be vendor/class, as in example.com/fpga"
+    if "/" in klass:
+        return "must have exactly one '/'"
+    if len(vendor) > 253 or not _CDI_VENDOR.match(vendor):
+        return "the vendor must be a lowercase DNS subdomain starting with a letter, as in example.com"
+    if len(klass) > 63 or not _CDI_CLASS.match(klass):
+        return ("the class must be 1-63 letters, digits, '-' and '_', starting with a letter and ending with "
+                "a letter or digit (no '.': CDI specs before 0.6.0 refuse it)")
     return None
 
 
@@ -394,7 +443,7 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
                 c.error(section, key, value, "accepted: " + ", ".join(REGISTRATIONS))
             else:
                 into[key] = value
-        elif key == "plugins_registry_dir":
+        elif key in ("plugins_registry_dir", "cdi_spec_dir"):
             if _abs_path(c, section, key, value, value, "directory"):
                 into[key] = value
         else:
@@ -514,6 +563,23 @@ def _parse_resource(c: _Collector, section: str, name: str, raw: Mapping[str, st
             kw[key] = _number(c, section, key, value, 0, 3600)
         elif key == "health_threshold":
             kw[key] = _whole(c, section, key, value, 1, 100)
+        elif key == "replicas":
+            if not (value.isascii() and value.isdigit()) or len(value) > 6 or not 1 <= int(value) <= MAX_REPLICAS:
+                c.error(section, key, value, f"accepted: a whole number from 1 (no sharing) to {MAX_REPLICAS} "
+                        "(more IDs than a node runs pods; a ListAndWatch message within the kubelet's 4 MiB)")
+            else:
+                kw[key] = int(value)
+        elif key == "replica_policy":
+            if value not in REPLICA_POLICIES:
+                c.error(section, key, value, "accepted: " + " or ".join(REPLICA_POLICIES))
+            kw[key] = value
+        elif key in ("cdi", "cdi_only"):
+            kw[key] = _boolean(c, section, key, value)
+        elif key == "cdi_kind":
+            problem = validate_cdi_kind(value)
+            if problem:
+                c.error(section, key, value, f"not a CDI kind: {problem}")
+            kw[key] = value
         else:
             c.error(section, key, None, "unknown key; accepted: " + ", ".join(RESOURCE_KEYS))
     if "subsystem" not in given:
@@ -524,12 +590,33 @@ def _parse_resource(c: _Collector, section: str, name: str, raw: Mapping[str, st
                     "only meaningful with health_command")
     if "prestart_timeout" in given and "prestart_command" not in given:
         c.error(section, "prestart_timeout", None, "only meaningful with prestart_command")
+    if "replica_policy" in given and "replicas" not in given:
+        c.error(section, "replica_policy", None, "only meaningful with replicas")
+    _check_cdi(c, section, name, given, kw)
     _check_health_timing(c, section, given, kw)
     if len(c.errors) != before:
         return None
     kw["properties"], kw["attributes"] = tuple(props), tuple(attrs)
     kw["health_properties"], kw["health_attributes"] = tuple(hprops), tuple(hattrs)
     return ResourceConfig(**kw)  # type: ignore[arg-type]
+
+
+def _check_cdi(c: _Collector, section: str, name: str, given: Set[str], kw: Dict[str, object]) -> None:
+    """cdi_kind and cdi_only need cdi = yes; the default kind (the resource name) must be a CDI kind."""
+    for key in ("cdi_kind", "cdi_only"):
+        if key in given and kw.get("cdi") is not True and kw.get(key) is not None:
+            if "cdi" in given and kw.get("cdi") is None:
+                continue  # the bad cdi value is reported already
+            c.error(section, key, None, "only meaningful with cdi = yes")
+    if kw.get("cdi") is not True:
+        kw.pop("cdi_kind", None)
+        return
+    if "cdi_kind" not in given and validate_resource_name(name) is None:
+        problem = validate_cdi_kind(name)
+        if problem:
+            c.error(section, "cdi_kind", None, f"the default, the resource name {name!r}, is not a CDI kind: "
+                    f"{problem}; accepted: cdi_kind = vendor.example/class, e.g. example.com/fpga")
+        kw["cdi_kind"] = name
 
 
 def _check_health_timing(c: _Collector, section: str, given: Set[str], kw: Mapping[str, object]) -> None:
@@ -655,6 +742,15 @@ def parse(files: List[Tuple[str, str]]) -> Config:
                 errors.append(f"{source}: [resource {r.name}] is already defined in {resources[r.name].source}")
             else:
                 resources[r.name] = r
+    kinds: Dict[str, ResourceConfig] = {}
+    for r in resources.values():
+        if r.cdi and r.cdi_kind in kinds:
+            other = kinds[r.cdi_kind]
+            errors.append(f"{r.source}: [resource {r.name}] cdi_kind = {r.cdi_kind!r}: already the CDI kind of "
+                          f"[resource {other.name}] in {other.source}; accepted: a kind of its own per resource "
+                          "(their CDI devices would clash)")
+        elif r.cdi:
+            kinds[r.cdi_kind] = r
     if errors:
         raise ConfigError(errors)
     return Config(PluginConfig(**plugin), tuple(resources.values()), tuple(s for s, _ in files))  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import commands, config, events
+from .cdidir import CdiSpecs
 from .discovery import touched
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
 from .inventory import Inventory
@@ -84,6 +85,7 @@ class Daemon:
         self._timers: Dict[str, asyncio.TimerHandle] = {}
         self._tasks: set = set()
         self.prestarts: Optional[PrestartLimit] = None
+        self.cdi: Optional[CdiSpecs] = None
         self._reloading = False
         self._reload_again = False
 
@@ -154,6 +156,8 @@ class Daemon:
         # The monitor opens before the first enumeration, so nothing in between is lost.
         self.monitor = self.monitor_factory(self.context)
         self.devnodes = DevnodeWatch()
+        self.cdi = CdiSpecs(self.cfg.plugin.cdi_spec_dir, self.loop.call_later)
+        self.cdi.start(self.cfg.resources)
         self.connector = self._new_connector()
         self.loop.add_reader(self.monitor.fileno(), self._handle_udev)
         self.loop.add_reader(self.devnodes.fileno(), self._handle_devnodes)
@@ -166,12 +170,15 @@ class Daemon:
         state = ResourceState(res)
         self.inventory.add(state)
         self._after_scan(self.inventory.scan(self.context, [res.name]))  # the first answer is the full list
+        self._sync_cdi(res.name)  # the spec is in place before the kubelet hears of a device
         assert self.connector is not None
         self.connector.add(state)
 
     async def _stop_resource(self, name: str) -> None:
         assert self.connector is not None
         await self.connector.remove(name)
+        if self.cdi is not None:
+            self.cdi.remove(name)
         self.inventory.remove(name)
         self.scheduler.remove_group(name)
         self._lagging.pop(name, None)
@@ -183,9 +190,17 @@ class Daemon:
     def _after_scan(self, changes: Dict[str, ResourceDiff]) -> None:
         """Keep the health checks and the device-node watch in step with what the scan found."""
         for name, change in changes.items():
+            self._sync_cdi(name)
             self._health_follow(name, change)
         self._watch_devnodes()
         self._update_status()
+
+    def _sync_cdi(self, name: str) -> None:
+        """Rewrite the resource's CDI spec if what it advertises changed it (in this same callback, so
+        before a ListAndWatch message or an Allocate answer can name a new ID)."""
+        state = self.states.get(name)
+        if state is not None and self.cdi is not None:
+            self.cdi.sync(state)
 
     def _health_follow(self, name: str, change: ResourceDiff) -> None:
         state = self.states.get(name)
@@ -392,6 +407,8 @@ class Daemon:
             if res.name not in self.states:
                 log.info("%s: added to the configuration", res.name)
                 self._start_resource(res)
+        if self.cdi is not None and new.plugin.cdi_spec_dir != old.plugin.cdi_spec_dir:
+            self.cdi.set_directory(new.plugin.cdi_spec_dir, list(self.states.values()))
         log.info("configuration reloaded: %d resource(s)", len(self.states))
         self._update_status()
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
@@ -408,6 +425,7 @@ class Daemon:
         state.reconfigure(res)
         self.scheduler.remove_group(name)
         self._after_scan(self.inventory.scan(self.context, [name]))
+        self._sync_cdi(name)  # the CDI settings may have changed alone
         if res.health_command:
             for dev_id in self.inventory.raw.get(name, {}):
                 self.scheduler.add((name, dev_id), name, res.health_interval)
@@ -600,6 +618,8 @@ class Daemon:
                         self.loop.remove_reader(fd)
         if self.connector is not None:
             await self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
+        if self.cdi is not None:
+            self.cdi.close()  # no spec names a device nobody serves any more
         if self.runner is not None:
             self.runner.close()  # what is still running ends now, with its process group
         for task in list(self._tasks):

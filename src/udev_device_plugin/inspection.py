@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List
 
 import grpc
 
-from . import api, commands, config
+from . import api, cdi, commands, config, sharing
 from .kubelet import SOCKET_PREFIX
 
 
@@ -18,7 +18,9 @@ def discover(cfg: config.Config) -> List[Dict[str, Any]]:
 
     Per device: ``devnodes`` (its own, its VFIO group's, the descendants' its resource grants),
     ``grants`` (what an Allocate of it hands out: those and the resource's extra_devnodes) and
-    ``withheld`` (descendants' nodes that child_devnodes leaves out, with their subsystem).
+    ``withheld`` (descendants' nodes that child_devnodes leaves out, with their subsystem); with
+    ``replicas``, the IDs the kubelet would see of it (``advertised_ids``), and with ``cdi``, their
+    CDI devices (``cdi_devices``).
     """
     import pyudev
 
@@ -37,10 +39,15 @@ def discover(cfg: config.Config) -> List[Dict[str, Any]]:
                 if not result.ok:
                     health, reason = "Unhealthy", f"health_command: {result.detail}"
             grants = list(dict.fromkeys(dev.devnodes + res.extra_devnodes))
+            ids = sharing.replica_ids(dev.id, res.replicas)
             out.append({"id": dev.id, "devnodes": list(dev.devnodes), "grants": grants,
                         "withheld": withheld.get(dev.sys_path, []), "numa_nodes": list(dev.numa_nodes),
-                        "health": health, "reason": reason, "syspath": dev.sys_path})
-        rows.append({"resource": res.name, "devices": out, "problems": problems})
+                        "health": health, "reason": reason, "syspath": dev.sys_path,
+                        "advertised_ids": list(ids),
+                        "cdi_devices": [f"{res.cdi_kind}={cdi.device_name(i)}" for i in ids]
+                        if res.cdi and dev.devnodes else []})
+        rows.append({"resource": res.name, "devices": out, "problems": problems, "replicas": res.replicas,
+                     "replica_policy": res.replica_policy, "cdi_kind": res.cdi_kind})
     return rows
 
 
@@ -54,6 +61,28 @@ def device_line(dev: Dict[str, Any]) -> str:
     if dev.get("withheld"):
         line += f"  [not granted, see child_devnodes: {', '.join(dev['withheld'])}]"
     return line
+
+
+def _some(items: List[str], shown: int = 4) -> str:
+    if len(items) <= shown + 1:
+        return " ".join(items)
+    return " ".join(items[:shown]) + f" ... {items[-1]}"
+
+
+def sharing_lines(dev: Dict[str, Any]) -> List[str]:
+    """What ``list`` and ``inspect`` print under a device: its replicas and CDI devices, grouped."""
+    lines = []
+    ids = dev.get("advertised_ids", [])
+    if len(ids) > 1 or (ids and ids != [dev["id"]]):
+        lines.append(f"{len(ids)} replicas: {_some(ids)}")
+    elif not ids:
+        lines.append("not advertised (the ListAndWatch message would pass the kubelet's 4 MiB)")
+    names = dev.get("cdi_devices", [])
+    if len(names) == 1:
+        lines.append(f"CDI device: {names[0]}")
+    elif names:
+        lines.append(f"{len(names)} CDI devices: {_some(names, 2)}")
+    return lines
 
 
 def our_sockets(kubelet_dir: str) -> List[str]:
@@ -111,9 +140,30 @@ def inspect(kubelet_dir: str, timeout: float, registry_dir: str = "") -> Dict[st
             "options": {"pre_start_required": options.pre_start_required,
                         "get_preferred_allocation_available": options.get_preferred_allocation_available},
             "devices": [{"id": d.id, "health": d.health, "numa_nodes": list(d.numa_nodes), "reason": d.reason,
-                         "devnodes": list(d.devnodes)} for d in status.devices],
+                         "devnodes": list(d.devnodes), "advertised_ids": list(d.advertised_ids),
+                         "cdi_devices": list(d.cdi_devices)} for d in status.devices],
+            "replicas": status.replicas,
+            "replica_policy": status.replica_policy,
+            "cdi_kind": status.cdi_kind,
+            "cdi_spec": status.cdi_spec,
+            "cdi_error": status.cdi_error,
         })
     return report
+
+
+def resource_lines(res: Dict[str, Any]) -> List[str]:
+    """A resource's sharing and CDI settings, where they are not the defaults."""
+    lines = []
+    if res.get("replicas", 1) > 1:
+        lines.append(f"shared: {res['replicas']} replicas per device, preferred allocations {res['replica_policy']}")
+    if res.get("cdi_kind"):
+        line = f"CDI kind {res['cdi_kind']}"
+        if res.get("cdi_spec"):
+            line += f", spec {res['cdi_spec']}"
+        if res.get("cdi_error"):
+            line += f" NOT WRITTEN: {res['cdi_error']}"
+        lines.append(line)
+    return lines
 
 
 def _when(stamp: float) -> str:
@@ -134,7 +184,11 @@ def print_inspect(report: Dict[str, Any], echo: Callable[[str], None]) -> None:
         echo(f"  registrations accepted: {res['registrations']}; streams the kubelet ended: {res['streams_lost']}")
         echo(f"  options: pre_start_required={opts['pre_start_required']} "
              f"get_preferred_allocation_available={opts['get_preferred_allocation_available']}")
+        for line in resource_lines(res):
+            echo("  " + line)
         for dev in res["devices"]:
             echo("  " + device_line(dev))
+            for line in sharing_lines(dev):
+                echo("      " + line)
     for item in report["unanswered"]:
         echo(f"{item['socket']}: no answer ({item['error']})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Tuple
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -34,6 +34,14 @@ class Device:
 
 # resource -> device id -> Device.  Built once per scan and never mutated.
 Snapshot = Mapping[str, Mapping[str, Device]]
+
+
+class CdiView(NamedTuple):
+    """A resource's CDI spec as the runtime reads it now (cdi.py), for Allocate to name its devices."""
+
+    names: Mapping[str, str]  # advertised ID -> fully qualified CDI device name (kind=name)
+    path: str  # the spec file
+    problem: str = ""  # why the file does not hold ``names`` ("": it does)
 
 
 @dataclass(frozen=True)

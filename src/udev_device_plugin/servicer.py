@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set
 
 import grpc
 
-from . import allocation, api, commands
+from . import allocation, api, commands, sharing
 from .config import ResourceConfig
-from .model import Device, quote_id
+from .model import CdiView, Device, quote_id
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +46,77 @@ class _Reply(NamedTuple):
 
 
 class ResourceState:
-    """The current devices of one resource, read by every socket that serves it."""
+    """The current devices of one resource, read by every socket that serves it.
+
+    ``current()`` gives the devices, ``advertised()`` the IDs the kubelet sees of them (each
+    device's replicas, sharing.py), built once per version with the ListAndWatch payload;
+    ``cdi`` is the resource's CDI spec as written (cdidir.py; None: no CDI).
+    """
 
     def __init__(self, config: ResourceConfig) -> None:
         self.config = config
         self._devices: Mapping[str, Device] = {}
+        self._encoder = sharing.Encoder()
+        self._advertised: Optional[sharing.Advertised] = None
+        self._left_out: Tuple[str, ...] = ()
+        self.cdi: Optional[CdiView] = None
         self._version = 0
         self._allocated: Dict[str, float] = {}
         self._subscribers: Set[asyncio.Event] = set()
-        self._list_payload: Optional[bytes] = None
         self._options_payload = options_for(config).SerializeToString()
         self._replies: OrderedDict[Tuple[str, bytes], _Reply] = OrderedDict()
 
     def reconfigure(self, config: ResourceConfig) -> None:
         """A reload changed how devices are selected or handed out, not the options: same sockets."""
+        replicas = self.config.replicas
         self.config = config
         self._options_payload = options_for(config).SerializeToString()
         self._replies.clear()
+        if config.replicas != replicas:
+            self._changed()  # the same devices, other IDs
 
     def publish(self, devices: Mapping[str, Device]) -> bool:
         """Make ``devices`` current; wake the ListAndWatch streams when the list changed."""
         if dict(devices) == dict(self._devices):
             return False
         self._devices = devices
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
         self._version += 1
-        self._list_payload = None
+        self._advertised = None
         self._replies.clear()
         for event in self._subscribers:
             event.set()
-        return True
 
     def current(self) -> Tuple[int, Mapping[str, Device]]:
         return self._version, self._devices
 
+    def advertised(self) -> sharing.Advertised:
+        """The IDs of the current version: the table Allocate looks them up in, and the list's bytes."""
+        if self._advertised is None:
+            self._advertised = self._encoder.advertise(self._devices, self.config.replicas)
+            left_out = self._advertised.left_out
+            if left_out and len(left_out) != len(self._left_out):
+                log.error("%s: %d devices x %d replicas would make a ListAndWatch message larger than the "
+                          "kubelet accepts (4 MiB); %d device(s) not advertised (%s); lower replicas",
+                          self.config.name, len(self._devices), self.config.replicas, len(left_out),
+                          ", ".join(map(quote_id, left_out[:8])) + (" ..." if len(left_out) > 8 else ""))
+            elif self._left_out and not left_out:
+                log.info("%s: every device advertised again", self.config.name)
+            self._left_out = left_out
+        return self._advertised
+
     def list_payload(self) -> Tuple[int, bytes]:
         """The serialized ListAndWatchResponse of the current version, built once for every stream."""
-        if self._list_payload is None:
-            self._list_payload = api.ListAndWatchResponse(
-                devices=[device_message(d) for d in self._devices.values()]).SerializeToString()
-        return self._version, self._list_payload
+        return self._version, self.advertised().payload
+
+    def set_cdi(self, view: Optional[CdiView]) -> None:
+        """What the resource's CDI spec holds now; Allocate answers name its devices."""
+        if view != self.cdi:
+            self.cdi = view
+            self._replies.clear()
 
     def subscribe(self, event: asyncio.Event) -> None:
         self._subscribers.add(event)
@@ -126,15 +158,8 @@ def options_for(config: ResourceConfig) -> Any:
                                    get_preferred_allocation_available=True)
 
 
-def device_message(dev: Device) -> Any:
-    msg = api.Device(ID=dev.id, health=dev.health)
-    if dev.numa_nodes:
-        msg.topology.nodes.extend(api.NUMANode(ID=n) for n in dev.numa_nodes)
-    return msg
-
-
 _CODES = {"unknown": grpc.StatusCode.INVALID_ARGUMENT, "unhealthy": grpc.StatusCode.FAILED_PRECONDITION,
-          "conflict": grpc.StatusCode.FAILED_PRECONDITION}
+          "conflict": grpc.StatusCode.FAILED_PRECONDITION, "cdi": grpc.StatusCode.FAILED_PRECONDITION}
 
 
 class StreamHooks(NamedTuple):
@@ -230,11 +255,13 @@ class DevicePluginServicer:
         except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between backends
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{self.state.config.name}: GetPreferredAllocation request does not parse")
-        _, devices = self.state.current()
+        advertised = self.state.advertised()
+        policy = self.state.config.replica_policy
         response = api.PreferredAllocationResponse()
         for creq in parsed.container_requests:
-            chosen = allocation.preferred(devices, list(creq.available_deviceIDs), list(creq.must_include_deviceIDs),
-                                          creq.allocation_size)
+            chosen = allocation.preferred(advertised.devices, list(creq.available_deviceIDs),
+                                          list(creq.must_include_deviceIDs), creq.allocation_size,
+                                          advertised.replica_of, advertised.replicas, policy)
             response.container_responses.add(deviceIDs=chosen)
         payload = response.SerializeToString()
         self.state.cache("preferred", request, _Reply(payload, ()))
@@ -251,12 +278,13 @@ class DevicePluginServicer:
             if not parsed.container_requests:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{config.name}: Allocate without container requests")
-            _, devices = self.state.current()
+            devices = self.state.advertised().devices
+            cdi = self.state.cdi
             response = api.AllocateResponse()
             granted: List[str] = []
             for creq in parsed.container_requests:
                 try:
-                    alloc = allocation.allocate(config, devices, list(creq.devices_ids))
+                    alloc = allocation.allocate(config, devices, list(creq.devices_ids), cdi)
                 except allocation.AllocationError as exc:
                     log.warning("Allocate refused: %s", exc)
                     await context.abort(_CODES[exc.kind], str(exc))
@@ -268,7 +296,10 @@ class DevicePluginServicer:
                     out.mounts.add(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
                 out.envs.update(dict(alloc.envs))
                 out.annotations.update(dict(alloc.annotations))
-                granted.extend(creq.devices_ids)
+                for name in alloc.cdi_devices:
+                    out.cdi_devices.add(name=name)
+                # The devices, not their replicas: removal events say when a device was last given out.
+                granted.extend(dict.fromkeys(devices[i].id for i in creq.devices_ids))
             reply = _Reply(response.SerializeToString(), tuple(granted))
             self.state.cache("allocate", request, reply)
             # Not INFO: the kubelet logs every allocation itself, and this is the hot path.
@@ -278,22 +309,24 @@ class DevicePluginServicer:
 
     async def PreStartContainer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         config = self.state.config
-        ids = list(request.devices_ids)
-        _, devices = self.state.current()
-        unknown = [i for i in ids if i not in devices]
+        requested = list(request.devices_ids)
+        advertised = self.state.advertised().devices
+        unknown = [i for i in requested if i not in advertised]
         if unknown:
             message = f"{config.name}: PreStartContainer for unknown device ID(s) {', '.join(map(quote_id, unknown))}"
             log.warning("%s", message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         if not config.prestart_command:
             return api.PreStartContainerResponse()
-        nodes = [n for i in ids for n in devices[i].devnodes]
+        # The command gets the devices, each once; the replica IDs the kubelet named are in UDP_REPLICA_IDS.
+        devices = list({d.id: d for d in (advertised[i] for i in requested)}.values())
+        ids = [d.id for d in devices]
+        nodes = [n for d in devices for n in d.devnodes]
+        env = {"UDP_RESOURCE": config.name, "UDP_DEVICE_IDS": ",".join(ids), "UDP_DEVNODES": ",".join(nodes)}
+        if config.replicas > 1:
+            env["UDP_REPLICA_IDS"] = ",".join(requested)
         async with self.prestarts.semaphore:
-            result = await self.runner.run(tuple(config.prestart_command) + tuple(ids), {
-                "UDP_RESOURCE": config.name,
-                "UDP_DEVICE_IDS": ",".join(ids),
-                "UDP_DEVNODES": ",".join(nodes),
-            }, config.prestart_timeout)
+            result = await self.runner.run(tuple(config.prestart_command) + tuple(ids), env, config.prestart_timeout)
         if not result.ok:
             message = f"{config.name}: prestart_command for {', '.join(ids)}: {result.detail}"
             log.warning("%s", message)
@@ -316,9 +349,20 @@ class StatusServicer:
 
     async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         reg = self.registration()
+        config = self.state.config
         _, devices = self.state.current()
+        ids_of = self.state.advertised().ids_of
+        cdi = self.state.cdi
+        names = cdi.names if cdi is not None else {}
+
+        def advertised(d: Device) -> Tuple[str, ...]:
+            return ids_of.get(d.id, ())
+
         return api.StatusResponse(
-            resource_name=self.state.config.name, pid=os.getpid(), version=self.version,
+            resource_name=config.name, pid=os.getpid(), version=self.version,
             devices=[api.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
-                                      numa_nodes=d.numa_nodes, syspath=d.sys_path)
-                     for d in devices.values()], **reg)
+                                      numa_nodes=d.numa_nodes, syspath=d.sys_path, advertised_ids=advertised(d),
+                                      cdi_devices=[names[i] for i in advertised(d) if i in names])
+                     for d in devices.values()],
+            replicas=config.replicas, replica_policy=config.replica_policy, cdi_kind=config.cdi_kind,
+            cdi_spec=cdi.path if cdi is not None else "", cdi_error=cdi.problem if cdi is not None else "", **reg)

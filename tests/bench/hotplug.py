@@ -41,6 +41,7 @@ MOCK_CONFIG = """
 subsystem = pci
 attribute.vendor = 0x8086
 attribute.device = 0x0b5b
+child_devnodes = accel
 health.attribute.enable = 1
 """
 SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))

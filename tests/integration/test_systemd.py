@@ -444,3 +444,48 @@ def test_rpm_erase_stops_and_disables_units(node: Node) -> None:
     sockets = sorted(os.listdir(node.ct.host_path(KUBELET_DIR)))
     assert sockets == ["kubelet.sock"], sockets
     say(f"rpm -e: both units stopped and disabled, PID {pid} gone, only kubelet.sock left in {KUBELET_DIR}")
+
+
+CDI_SPEC = "udev-device-plugin-example.com_mem.json"
+
+
+def test_cdi_specs_under_the_sandbox(node: Node) -> None:
+    """ProtectSystem=strict: the unit makes the default cdi_spec_dir (/run/cdi) writable; another directory
+    is refused by the reload's check-config (which runs in the same sandbox) and logged by the daemon, which
+    serves on, until the drop-in udev-device-plugin(8) gives is in place."""
+    node.ct.write_file(TEST_CONF, MEM_CONF + "replicas = 2\ncdi = yes\n")
+    node.start_daemon()
+    spec = f"/run/cdi/{CDI_SPEC}"
+    wait_for(lambda: os.path.exists(node.ct.host_path(spec)), 10, f"{spec} in the container")
+    data = json.loads(node.ct.read_file(spec))
+    assert [d["name"] for d in data["devices"]] == ["null::0", "null::1", "zero::0", "zero::1"]
+    assert oct(os.stat(node.ct.host_path(spec)).st_mode & 0o777) == "0o644"
+    assert sorted(node.devices()) == ["null::0", "null::1", "zero::0", "zero::1"]
+    say(f"CDI: {spec} written under ProtectSystem=strict, mode 0644, {len(data['devices'])} CDI devices")
+
+    # /etc/cdi is read-only in the sandbox: systemctl reload refuses it (check-config, naming the key).
+    pid = node.main_pid()
+    node.ct.write_file(TEST_CONF, "[plugin]\ncdi_spec_dir = /etc/cdi\n\n" + MEM_CONF + "cdi = yes\n")
+    out = node.ct.systemctl("reload", UNIT, check=False)
+    assert out.returncode != 0
+    wait_for(lambda: any("cdi_spec_dir = '/etc/cdi'" in m and "read-only file system" in m for m in node.messages()),
+             10, "check-config's refusal in the journal")
+    assert node.main_pid() == pid and os.path.exists(node.ct.host_path(spec))
+    # Started with it anyway: the daemon logs why, serves on, and the old spec is gone with the old process.
+    node.ct.systemctl("restart", UNIT)
+    node.wait_message("[plugin] cdi_spec_dir")
+    assert any("/etc/cdi" in m and "ReadWritePaths=" in m for m in node.messages())
+    node.wait_registered("with an unwritable cdi_spec_dir")
+    assert node.active() and not os.path.exists(node.ct.host_path(spec))
+    say("CDI: cdi_spec_dir = /etc/cdi without a drop-in: reload refused by check-config; serve logs it, "
+        "naming the key and ReadWritePaths=, and serves on")
+
+    # The documented drop-in: written there.
+    node.add_dropin("cdi-dir", "[Service]\nExecStartPre=+/usr/bin/mkdir -p -m 0755 /etc/cdi\n"
+                               "ReadWritePaths=-/etc/cdi\n")
+    node.ct.systemctl("restart", UNIT)
+    node.wait_registered("with the /etc/cdi drop-in")
+    wait_for(lambda: os.path.exists(node.ct.host_path(f"/etc/cdi/{CDI_SPEC}")), 10, "the spec in /etc/cdi")
+    node.ct.systemctl("stop", UNIT)
+    assert not os.path.exists(node.ct.host_path(f"/etc/cdi/{CDI_SPEC}"))
+    say("CDI: with the drop-in the spec is in /etc/cdi, and systemctl stop removes it")

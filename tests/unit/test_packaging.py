@@ -81,7 +81,14 @@ def test_service_unit_matches_the_daemon() -> None:
     assert svc["ExecStart"].startswith("/usr/bin/udev-device-plugin serve ")
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert "PrivateDevices" not in svc, "the daemon hands out and stats device nodes"
-    assert config.KUBELET_DIR in svc["ReadWritePaths"] and config.KUBELET_DIR in svc["ExecStartPre"]
+    lines = read("systemd", "udev-device-plugin.service").splitlines()
+    writable = [line.split("=", 1)[1] for line in lines if line.startswith("ReadWritePaths=")]
+    created = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStartPre=")]
+    # The kubelet's socket directory and the default cdi_spec_dir (/var/run is /run): created before the
+    # sandbox is set up, writable in it.
+    for directory in (config.KUBELET_DIR, config.CDI_SPEC_DIR.replace("/var/run/", "/run/")):
+        assert f"-{directory}" in writable, writable
+        assert any(c.startswith("+/usr/bin/mkdir -p ") and c.endswith(" " + directory) for c in created), created
 
 
 def test_path_unit_watches_kubelet_sock_and_oneshot_sends_sigusr1() -> None:

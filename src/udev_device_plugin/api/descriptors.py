@@ -61,17 +61,21 @@ FILES = (
     b'Response"\x00b\x06proto3'
     ,
     # status.proto
-    b'\n\x0cstatus.proto\x12\x13udevdeviceplugin.v1"\x0f\n\rStatusRequest"\xb8\x03\n\x0eStatusR'
+    b'\n\x0cstatus.proto\x12\x13udevdeviceplugin.v1"\x0f\n\rStatusRequest"\xce\x04\n\x0eStatusR'
     b'esponse\x12#\n\rresource_name\x18\x01 \x01(\tR\x0cresourceName\x12\x1e\n\nregistered\x18\x02 \x01(\x08'
     b'R\nregistered\x12\x1d\n\nlast_error\x18\x03 \x01(\tR\tlastError\x12$\n\rregistrations\x18\x04 \x01'
     b'(\x03R\rregistrations\x12\x10\n\x03pid\x18\x05 \x01(\x05R\x03pid\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12;\n'
     b'\x07devices\x18\x07 \x03(\x0b2!.udevdeviceplugin.v1.DeviceStatusR\x07devices\x12\x14\n\x05st'
     b'ate\x18\x08 \x01(\tR\x05state\x12\x14\n\x05since\x18\t \x01(\x01R\x05since\x12!\n\x0cstream_since\x18\n \x01(\x01R\x0bst'
     b'reamSince\x12\x1a\n\x08endpoint\x18\x0b \x01(\tR\x08endpoint\x12!\n\x0cstreams_lost\x18\x0c \x01(\x03R\x0bstr'
-    b'eamsLost\x12%\n\x0eregistered_via\x18\r \x01(\tR\rregisteredVia"\xa3\x01\n\x0cDeviceStatus'
-    b'\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n\x06health\x18\x02 \x01(\tR\x06health\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason'
-    b'\x12\x1a\n\x08devnodes\x18\x04 \x03(\tR\x08devnodes\x12\x1d\n\nnuma_nodes\x18\x05 \x03(\x03R\tnumaNodes\x12\x18\n\x07s'
-    b'yspath\x18\x06 \x01(\tR\x07syspath2`\n\x06Status\x12V\n\tGetStatus\x12".udevdeviceplugin.'
-    b'v1.StatusRequest\x1a#.udevdeviceplugin.v1.StatusResponse"\x00b\x06proto3'
+    b'eamsLost\x12%\n\x0eregistered_via\x18\r \x01(\tR\rregisteredVia\x12\x1a\n\x08replicas\x18\x14 \x01('
+    b'\x05R\x08replicas\x12%\n\x0ereplica_policy\x18\x15 \x01(\tR\rreplicaPolicy\x12\x19\n\x08cdi_kind\x18\x16'
+    b' \x01(\tR\x07cdiKind\x12\x19\n\x08cdi_spec\x18\x17 \x01(\tR\x07cdiSpec\x12\x1b\n\tcdi_error\x18\x18 \x01(\tR\x08cdi'
+    b'Error"\xeb\x01\n\x0cDeviceStatus\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n\x06health\x18\x02 \x01(\tR\x06health\x12\x16'
+    b'\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1a\n\x08devnodes\x18\x04 \x03(\tR\x08devnodes\x12\x1d\n\nnuma_nodes'
+    b'\x18\x05 \x03(\x03R\tnumaNodes\x12\x18\n\x07syspath\x18\x06 \x01(\tR\x07syspath\x12%\n\x0eadvertised_ids\x18\x14 '
+    b'\x03(\tR\radvertisedIds\x12\x1f\n\x0bcdi_devices\x18\x15 \x03(\tR\ncdiDevices2`\n\x06Status\x12V\n'
+    b'\tGetStatus\x12".udevdeviceplugin.v1.StatusRequest\x1a#.udevdeviceplugi'
+    b'n.v1.StatusResponse"\x00b\x06proto3'
     ,
 )

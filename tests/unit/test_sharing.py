@@ -1,0 +1,114 @@
+"""sharing.py: replica IDs, the hand-encoded ListAndWatch message (the bytes protobuf writes, on every
+stack), the tables Allocate looks replica IDs up in, and the 4 MiB limit."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import pytest
+
+from udev_device_plugin import api, sharing
+from udev_device_plugin.model import HEALTHY, UNHEALTHY, Device
+
+RESOURCE = "example.com/fuse"
+
+
+def dev(id_: str, numa: Tuple[int, ...] = (), health: str = HEALTHY) -> Device:
+    return Device(RESOURCE, id_, f"/sys/devices/virtual/misc/{id_}", id_, (f"/dev/{id_}",), numa, health)
+
+
+def table(*devices: Device) -> Dict[str, Device]:
+    return {d.id: d for d in devices}
+
+
+def protobuf_list(devices: Dict[str, Device], replicas: int) -> bytes:
+    """What the generic protobuf encoder writes for the same list."""
+    return api.ListAndWatchResponse(devices=[
+        api.Device(ID=i, health=d.health, topology=api.TopologyInfo(nodes=[api.NUMANode(ID=n) for n in d.numa_nodes])
+                   if d.numa_nodes else None)
+        for d in devices.values() for i in sharing.replica_ids(d.id, replicas)]).SerializeToString()
+
+
+def test_replica_ids():
+    assert sharing.replica_ids("fuse", 1) == ("fuse",)
+    assert sharing.replica_ids("fuse", 3) == ("fuse::0", "fuse::1", "fuse::2")
+    # An ID that holds '::' itself is no ambiguity: replica IDs are looked up, never parsed.
+    assert sharing.replica_ids("a::1", 2) == ("a::1::0", "a::1::1")
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 100])
+@pytest.mark.parametrize("devices", [
+    table(dev("fuse")),
+    table(dev("loop0", (0,)), dev("loop1", (1,)), dev("loop2", (0, 1), UNHEALTHY), dev("loop3")),
+    table(dev("n", (7, 300, 2 ** 40)), dev("negative", (-1,))),  # multi-byte varints; an int64 below zero
+    table(dev("x" * 128, (0,)), dev("é-ü", (1,))),  # the longest IDs (two-byte lengths); UTF-8
+    table(Device(RESOURCE, "odd", "/sys/x", "odd", (), (), "")),  # empty health: left out, as protobuf does
+    {},
+], ids=["one", "numa-health", "varints", "long-utf8", "empty-health", "none"])
+def test_the_hand_encoded_list_is_what_protobuf_writes(devices, replicas):
+    got = sharing.Encoder().advertise(devices, replicas)
+    assert got.payload == protobuf_list(devices, replicas)
+    parsed = api.ListAndWatchResponse.FromString(got.payload)
+    assert [d.ID for d in parsed.devices] == [i for d in devices.values() for i in sharing.replica_ids(d.id, replicas)]
+
+
+def test_tables_with_replicas():
+    devices = table(dev("fuse"), dev("kvm", (1,), UNHEALTHY))
+    got = sharing.Encoder().advertise(devices, 3)
+    assert got.replicas == 3 and got.left_out == ()
+    assert got.ids_of == {"fuse": ("fuse::0", "fuse::1", "fuse::2"), "kvm": ("kvm::0", "kvm::1", "kvm::2")}
+    assert {i: d.id for i, d in got.devices.items()} == {
+        "fuse::0": "fuse", "fuse::1": "fuse", "fuse::2": "fuse", "kvm::0": "kvm", "kvm::1": "kvm", "kvm::2": "kvm"}
+    assert got.replica_of == {"fuse::0": 0, "fuse::1": 1, "fuse::2": 2, "kvm::0": 0, "kvm::1": 1, "kvm::2": 2}
+    # Every replica has its device's health and NUMA nodes.
+    listed = {d.ID: (d.health, [n.ID for n in d.topology.nodes])
+              for d in api.ListAndWatchResponse.FromString(got.payload).devices}
+    assert listed == {**{f"fuse::{k}": (HEALTHY, []) for k in range(3)},
+                      **{f"kvm::{k}": (UNHEALTHY, [1]) for k in range(3)}}
+
+
+def test_one_replica_is_the_device_table_itself():
+    devices = table(dev("null"), dev("zero"))
+    got = sharing.Encoder().advertise(devices, 1)
+    assert got.devices is devices and got.replica_of == {} and got.ids_of == {"null": ("null",), "zero": ("zero",)}
+
+
+def test_a_device_is_encoded_again_only_when_it_changed():
+    encoder = sharing.Encoder()
+    devices = table(dev("a"), dev("b"))
+    first = encoder.advertise(devices, 2)
+    kept = dict(encoder._chunks)
+    sick = table(dev("a"), dev("b", health=UNHEALTHY))
+    second = encoder.advertise(sick, 2)
+    assert encoder._chunks["a"] is kept["a"] and encoder._chunks["b"] is not kept["b"]
+    assert second.payload == protobuf_list(sick, 2) != first.payload
+    # Other replicas: every device again.
+    assert encoder.advertise(sick, 3).payload == protobuf_list(sick, 3)
+    assert encoder._chunks["a"] is not kept["a"]
+
+
+def test_a_list_past_the_kubelets_limit_leaves_out_the_last_devices():
+    devices = table(*(dev(f"d{i:03d}") for i in range(10)))
+    entry = len(sharing.encode_device(devices["d000"], sharing.replica_ids("d000", 4)))
+    got = sharing.Encoder().advertise(devices, 4, limit=entry * 6 + entry // 2)
+    assert got.left_out == tuple(f"d{i:03d}" for i in range(6, 10))
+    assert set(got.ids_of) == {f"d{i:03d}" for i in range(6)}
+    assert len(got.devices) == 24 and "d006::0" not in got.devices
+    assert len(api.ListAndWatchResponse.FromString(got.payload).devices) == 24
+    assert sharing.Encoder().advertise(devices, 1, limit=entry).left_out == tuple(f"d{i:03d}" for i in range(4, 10))
+
+
+def test_the_limit_holds_for_the_documented_maximum():
+    """100 devices x 256 replicas (config.MAX_REPLICAS) of the longest IDs stay within the kubelet's 4 MiB."""
+    from udev_device_plugin import config
+
+    devices = table(*(dev(f"{i:03d}" + "x" * 125, (i % 4,)) for i in range(100)))
+    got = sharing.Encoder().advertise(devices, config.MAX_REPLICAS)
+    assert got.left_out == () and len(got.devices) == 100 * config.MAX_REPLICAS
+    assert len(got.payload) <= sharing.LIST_LIMIT
+
+
+def test_ten_thousand_replicas():
+    devices = table(*(dev(f"loop{i}", (i % 2,)) for i in range(100)))
+    got = sharing.Encoder().advertise(devices, 100)
+    assert len(got.devices) == 10_000 and got.payload == protobuf_list(devices, 100)
