@@ -50,7 +50,7 @@ all: check
 $(VENV)/.stamp: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q --upgrade -e '.[sdnotify]' $(DEV_TOOLS)
+	$(VENV)/bin/pip install -q --upgrade -e '.[sdnotify,metrics]' $(DEV_TOOLS)
 	touch $@
 
 # $(call stack-venv,DIR,PYTHON,X.Y,NAME,PINS): a fresh venv with exactly PINS and the test tools;

@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from . import metrics
+
 DEFAULT_CONFIG = "/etc/udev-device-plugin/udev-device-plugin.conf"
 DROPIN_DIR_NAME = "conf.d"
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
@@ -139,6 +141,8 @@ class PluginConfig:
     ready_timeout: float = 15.0
     health_workers: int = 8
     strict_permissions: bool = True
+    metrics_address: Optional[metrics.MetricsAddress] = None
+    metrics_allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
     "health_workers": ("8", "how many health_command runs at once, 1-1024"),
     "strict_permissions": ("yes", "refuse config files and directories others than root may write (main file only)"),
+    "metrics_address": ("off", "serve Prometheus metrics at http://IP:PORT/metrics: 127.0.0.1:PORT or [::1]:PORT"),
+    "metrics_allow_remote": ("no", "yes: metrics_address may be an address other than loopback"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -376,7 +382,9 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             workers = _whole(c, section, key, value, 1, 1024)
             if workers is not None:
                 into[key] = workers
-        elif key == "strict_permissions":
+        elif key == "metrics_address":
+            metrics.parse_setting(c, section, key, value, into)
+        elif key in ("strict_permissions", "metrics_allow_remote"):
             flag = _boolean(c, section, key, value)
             if flag is not None:
                 into[key] = flag
@@ -638,6 +646,7 @@ def parse(files: List[Tuple[str, str]]) -> Config:
                 errors.append(f"{source}: [resource {r.name}] is already defined in {resources[r.name].source}")
             else:
                 resources[r.name] = r
+    errors.extend(metrics.check_plugin(plugin))
     if errors:
         raise ConfigError(errors)
     return Config(PluginConfig(**plugin), tuple(resources.values()), tuple(s for s, _ in files))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ import pyudev
 
 from . import commands, config, events
 from .discovery import touched
+from .exporter import Metrics
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
 from .inventory import Inventory
 from .kubelet import KubeletConnector
@@ -86,6 +87,7 @@ class Daemon:
         self.prestarts: Optional[PrestartLimit] = None
         self._reloading = False
         self._reload_again = False
+        self.metrics = Metrics(self, on_change=self._update_status)
 
     # --- config ---------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class Daemon:
         for res in self.cfg.resources:
             self._start_resource(res)
         self._started = True
+        self.metrics.start()
         self._update_status()
 
     def _start_resource(self, res: config.ResourceConfig) -> None:
@@ -222,6 +225,7 @@ class Daemon:
 
     def _handle_udev(self) -> None:
         assert self.monitor is not None
+        arrived = self.clock()
         try:
             batch = self.monitor.drain()
         except Overflow as exc:
@@ -245,6 +249,7 @@ class Daemon:
                     seen[path] = ev.action if path == ev.sys_path else "change"
         if not changes and not full:
             return  # nothing of ours (a bdi device beside a loop device, say)
+        self.metrics.udev_arrived(arrived, set(changes) | full)
         self._apply_when(self.coalescer.add(self.clock(), changes, full))
 
     def _apply_when(self, when: Optional[float]) -> None:
@@ -271,6 +276,7 @@ class Daemon:
                 change = self.inventory.refresh(self.context, name, changes[name])
                 if change:
                     result[name] = change
+        self.metrics.udev_applied(result)
         self._after_scan(result)
 
     # --- health commands ---------------------------------------------------------------------
@@ -293,6 +299,7 @@ class Daemon:
         assert self.runner is not None
         argv, env = commands.health_command_args(res, dev)
         result = await self.runner.run(argv, env, res.health_timeout)
+        self.metrics.health_result(res.name, result)
         name, dev_id = key
         if key not in self.scheduler or self.states.get(name) is None or self.states[name].config != res:
             self.scheduler.finished(key)
@@ -390,6 +397,7 @@ class Daemon:
             if res.name not in self.states:
                 log.info("%s: added to the configuration", res.name)
                 self._start_resource(res)
+        self.metrics.configure(new.plugin)
         log.info("configuration reloaded: %d resource(s)", len(self.states))
         self._update_status()
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
@@ -439,7 +447,7 @@ class Daemon:
         stuck = len(self.inventory.stuck)
         if stuck:
             text += f"; {stuck} health check(s) stuck in uninterruptible sleep"
-        return text
+        return text + self.metrics.status()
 
     def _update_status(self) -> None:
         if self.connector is None or not self._started:
@@ -596,6 +604,7 @@ class Daemon:
                 if fd is not None:
                     with contextlib.suppress(ValueError, OSError):
                         self.loop.remove_reader(fd)
+        self.metrics.close()
         if self.connector is not None:
             await self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
         if self.runner is not None:

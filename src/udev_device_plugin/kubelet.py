@@ -215,6 +215,7 @@ class KubeletConnector:
         self._parent_watched = ""
         self._kubelet_key: Optional[tuple] = None
         self._kubelet_gen = 0
+        self.kubelet_restarts = 0  # kubelet.sock creations seen (metrics)
         self.directory_problem = ""
         self._tasks: set = set()
         self._closed = False
@@ -433,6 +434,7 @@ class KubeletConnector:
         kubelet = self.kubelet()
         if kubelet is not None and (kubelet_created or overflow):
             if kubelet_created:
+                self.kubelet_restarts += 1
                 log.info("kubelet.sock created: registering with the kubelet")
             for name in list(self.plugins):
                 self.feed(name, registration.KubeletAppeared(kubelet))
