@@ -221,6 +221,7 @@ class Daemon:
                 if paths.intersection(dev.devnodes):
                     changes.setdefault(name, {})[dev.sys_path] = "change"
         # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
+        self.metrics.hotplug_arrived(self.clock(), set(changes) | full)
         self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
 
     def _handle_udev(self) -> None:
@@ -249,7 +250,7 @@ class Daemon:
                     seen[path] = ev.action if path == ev.sys_path else "change"
         if not changes and not full:
             return  # nothing of ours (a bdi device beside a loop device, say)
-        self.metrics.udev_arrived(arrived, set(changes) | full)
+        self.metrics.hotplug_arrived(arrived, set(changes) | full)
         self._apply_when(self.coalescer.add(self.clock(), changes, full))
 
     def _apply_when(self, when: Optional[float]) -> None:
@@ -276,7 +277,7 @@ class Daemon:
                 change = self.inventory.refresh(self.context, name, changes[name])
                 if change:
                     result[name] = change
-        self.metrics.udev_applied(result)
+        self.metrics.hotplug_applied(result)
         self._after_scan(result)
 
     # --- health commands ---------------------------------------------------------------------

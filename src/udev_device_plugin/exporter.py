@@ -389,13 +389,15 @@ class Metrics:
 
     # --- counting ---------------------------------------------------------------------------------
 
-    def udev_arrived(self, when: float, names: Iterable[str]) -> None:
-        """udev events that touch ``names`` were read at ``when`` (daemon clock)."""
+    def hotplug_arrived(self, when: float, names: Iterable[str]) -> None:
+        """Hotplug events that touch ``names`` were read at ``when`` (daemon clock): udev's, or inotify's on
+        the directories of our device nodes (a node's removal is seen there first, often published before
+        its udev event arrives)."""
         for name in names:
             self._pending.setdefault(name, when)
 
-    def udev_applied(self, published: Iterable[str]) -> None:
-        """The gathered udev changes were applied; ``published``: the resources whose list changed."""
+    def hotplug_applied(self, published: Iterable[str]) -> None:
+        """The gathered hotplug changes were applied; ``published``: the resources whose list changed."""
         if not self._pending:
             return
         now = self.daemon.clock()

@@ -112,7 +112,8 @@ def counted(counter: RpcCounter, handler: Callable[[Any, Any], Awaitable[Any]]) 
 
     A success costs one integer increment; a failure is counted by the status code the handler
     aborted with (``context.abort``), CANCELLED when the caller went away or its deadline passed
-    (the handler is cancelled), UNKNOWN for an exception (what grpc answers then).
+    (the handler is cancelled), UNKNOWN for an exception (what grpc answers then).  grpc.aio sends an
+    abort's status before the handler ends, so a failure is counted a moment after its caller has it.
     """
     async def call(request: Any, context: Any) -> Any:
         try:
@@ -272,7 +273,8 @@ def families(view: View) -> List[Family]:
     out.append(restarts)
 
     hotplug = _family("hotplug_latency_seconds", "histogram",
-                      "From reading a udev event to publishing the device list that includes it.", ("resource",))
+                      "From reading a hotplug event (udev's, or a device node created or removed) to publishing "
+                      "the device list that includes it.", ("resource",))
     hotplug.samples.extend(((r.name,), _histogram(r.stats.hotplug_latency)) for r in res)
     out.append(hotplug)
 
