@@ -220,8 +220,8 @@ class Daemon:
             for dev in self.inventory.raw.get(name, {}).values():
                 if paths.intersection(dev.devnodes):
                     changes.setdefault(name, {})[dev.sys_path] = "change"
-        # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
         self.metrics.hotplug_arrived(self.clock(), set(changes) | full)
+        # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
         self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
 
     def _handle_udev(self) -> None:

@@ -126,8 +126,9 @@ class MetricsServer:
     # --- the address ---------------------------------------------------------------------------
 
     def listen(self, address: MetricsAddress) -> None:
-        """Serve ``address`` (unless already served, or being retried); an old address is closed first."""
-        if address == self.address and (self._sock is not None or self._retry is not None):
+        """Serve ``address``: kept when served already, tried again at once when it is being retried
+        (a reload after the port was freed), else the old address is closed first."""
+        if address == self.address and self._sock is not None:
             return
         self._stop_listening()
         self.address = address
@@ -216,11 +217,7 @@ class MetricsServer:
                     conn.send(response(503, b"too many connections\n"))
                 conn.close()
                 continue
-            try:
-                _Connection(self, conn)
-            except Exception:
-                conn.close()
-                raise
+            _Connection(self, conn)
 
     def _resume_accepting(self) -> None:
         self._resume = None
@@ -258,11 +255,15 @@ class _Connection:
         self.buf = bytearray()
         self.out = memoryview(b"")
         self.closed = False
-        sock.setblocking(False)
-        server.connections.add(self)
         self.timer: Optional[asyncio.TimerHandle] = None
-        self.timer = self.loop.call_later(server.request_timeout, self._guard, self._timed_out)
-        self.loop.add_reader(self.fd, self._guard, self._readable)
+        server.connections.add(self)
+        try:
+            sock.setblocking(False)
+            self.timer = self.loop.call_later(server.request_timeout, self._guard, self._timed_out)
+            self.loop.add_reader(self.fd, self._guard, self._readable)
+        except BaseException:
+            self.close()
+            raise
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

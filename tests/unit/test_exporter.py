@@ -312,3 +312,29 @@ def test_close_drops_connections():
         return len(server.connections)
 
     assert run(main) == 0
+
+
+def test_listening_again_on_a_failing_address_tries_at_once():
+    """A reload after the port was freed binds it then, not at the next retry (here a minute away)."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    address = MetricsAddress("127.0.0.1", blocker.getsockname()[1])
+
+    async def main() -> None:
+        server = MetricsServer(asyncio.get_running_loop(), lambda: BODY, retry_first=60)
+        try:
+            server.listen(address)
+            assert server.problem and not server.bound
+            server.listen(address)
+            assert server.problem and not server.bound
+            blocker.close()
+            server.listen(address)
+            assert server.bound == str(address) and server.problem == ""
+        finally:
+            server.close()
+
+    try:
+        run(main)
+    finally:
+        blocker.close()

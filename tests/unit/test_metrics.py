@@ -174,7 +174,7 @@ def test_health_results(ok, timed_out, abandoned, duration, result):
 def test_counted_rpcs_by_status_code(tmp_path):
     """A real grpc.aio server: success, abort, an exception, a caller whose deadline passes."""
     counter = RpcCounter()
-    cancelled = asyncio.Event()
+    events: Dict[str, asyncio.Event] = {}
 
     async def handler(request: bytes, context: Any) -> bytes:
         if request == b"abort":
@@ -185,10 +185,11 @@ def test_counted_rpcs_by_status_code(tmp_path):
             try:
                 await asyncio.sleep(30)
             finally:
-                cancelled.set()
+                events["cancelled"].set()
         return b"ok"
 
     async def main() -> Dict[str, int]:
+        events["cancelled"] = asyncio.Event()  # on the loop (Python 3.9 binds an Event to a loop at creation)
         server = grpc.aio.server()
         wrapped = metrics.counted(counter, handler)
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
@@ -210,7 +211,7 @@ def test_counted_rpcs_by_status_code(tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(b"slow", timeout=0.2)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.wait_for(cancelled.wait(), 10)
+            await asyncio.wait_for(events["cancelled"].wait(), 10)
             for _ in range(1000):  # the wrapper counts right after the handler's finally
                 if "CANCELLED" in counter.failed:
                     break
