@@ -22,7 +22,7 @@ from tests.standin import StandInKubelet
 from udev_device_plugin import api, metrics
 
 CALLS = 2000
-SCRAPES = 300
+SCRAPES = 50
 
 
 def counting_overhead_ns() -> float:
@@ -106,10 +106,14 @@ def run(report: Report) -> None:
                     return len(reply.read())
 
             size = scrape()
-            scrapes = sequential(scrape, SCRAPES)
+            scrapes = []
+            for _ in range(SCRAPES):
+                time.sleep(0.1)  # the spacing keeps under the exporter's connection rate, and past its render cache
+                scrapes.extend(sequential(scrape, 1))
             report("scrape size, example config (4 resources)", size / 1024, "KiB")
-            report("scrape p50, sequential (urllib, new connection each)", statistics.median(scrapes), "ms")
-            report("scrape p99, sequential", percentile(scrapes, 99), "ms")
+            report(f"scrape p50, {SCRAPES} scrapes 0.1 s apart (urllib, a new connection each)",
+                   statistics.median(scrapes), "ms")
+            report("scrape p99, same", percentile(scrapes, 99), "ms")
 
             channel = grpc.insecure_channel("unix:" + kubelet.client("example.com/mem").path)
             stub = api.Stub(channel)
@@ -138,7 +142,8 @@ def run(report: Report) -> None:
             report("Allocate p99, no scraper", percentile(quiet, 99), "ms")
             report("Allocate p50, a scraper scraping back to back", statistics.median(busy), "ms")
             report("Allocate p99, a scraper scraping back to back", percentile(busy, 99), "ms")
-            report("scrapes per second meanwhile", hammered[0] / elapsed, "per s")
+            report("scrapes answered per second meanwhile (the exporter's connection rate)", hammered[0] / elapsed,
+                   "per s")
         finally:
             stop(daemon)
             kubelet.stop()

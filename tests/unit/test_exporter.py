@@ -338,3 +338,56 @@ def test_listening_again_on_a_failing_address_tries_at_once():
         run(main)
     finally:
         blocker.close()
+
+
+def test_a_body_is_rendered_at_most_once_per_interval():
+    renders: List[int] = []
+    now = [100.0]
+
+    def render() -> bytes:
+        renders.append(1)
+        return f"x {len(renders)}.0\n".encode()
+
+    async def main() -> None:
+        server = serve(render=render, render_interval=1.0, clock=lambda: now[0])
+        try:
+            bodies = [parse(await request(server, b"GET /metrics HTTP/1.1\r\n\r\n"))[2] for _ in range(5)]
+            assert bodies == [b"x 1.0\n"] * 5 and len(renders) == 1
+            now[0] += 0.999
+            assert parse(await request(server, b"GET /metrics HTTP/1.1\r\n\r\n"))[2] == b"x 1.0\n"
+            now[0] += 0.001
+            assert parse(await request(server, b"GET /metrics HTTP/1.1\r\n\r\n"))[2] == b"x 2.0\n"
+            # Refused and unknown requests render nothing.
+            await request(server, b"GET /other HTTP/1.1\r\n\r\n")
+            await request(server, b"junk\r\n\r\n")
+            assert len(renders) == 2
+        finally:
+            server.close()
+
+    run(main)
+
+
+def test_connections_beyond_the_rate_wait_in_the_backlog():
+    """A client connecting in a tight loop gets ``accept_rate`` connections a second after the burst; the
+    others wait (in the kernel's backlog), none is refused."""
+    now = [0.0]
+
+    async def main() -> None:
+        server = serve(clock=lambda: now[0], accept_rate=10.0, accept_burst=3)
+        try:
+            answered = [parse(await request(server, b"HEAD /metrics HTTP/1.1\r\n\r\n"))[0] for _ in range(3)]
+            assert answered == [200] * 3
+            reader, writer = await connect(server)  # the fourth: connected, but not accepted yet
+            writer.write(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.3)
+            assert not server.connections
+            now[0] += 0.1  # one more token
+            assert parse(await closed_by_server(reader, 5))[0] == 200
+            writer.close()
+            assert server.refused == dict.fromkeys(server.refused, 0)
+        finally:
+            server.close()
+
+    run(main)
