@@ -19,9 +19,11 @@ LOCKED := $(if $(SYSTEM_LOCK),flock $(SYSTEM_LOCK))
 DEV_TOOLS := pytest pytest-timeout ruff mypy grpcio-tools
 # EL9: RHEL 9 (+ EPEL 9) on its Python 3.9, as pinned on PyPI closest to the RPMs.
 EL9_PINS := grpcio==1.46.5 protobuf==3.14.0 pyudev==0.22.0 click==8.0.3 sdnotify==0.3.2
+# prometheus_client renders /metrics where installed (EPEL 9: 0.21.0, EPEL 10: 0.21.1; the RPM recommends it):
+# EL10 has EPEL 10's, EL9 none, so the daemon's own writer of the same text runs on the oldest stack.
 # EL10: RHEL 10 (+ EPEL 10) on its Python 3.12.  EPEL 10 has grpcio 1.48, which has no Python
 # 3.12 wheel; 1.59.0 is the oldest release that has one.  No sdnotify: EL10 has no package.
-EL10_PINS := grpcio==1.59.0 protobuf==3.19.6 pyudev==0.24.1 click==8.1.7
+EL10_PINS := grpcio==1.59.0 protobuf==3.19.6 pyudev==0.24.1 click==8.1.7 prometheus_client==0.21.1
 TEST_TOOLS := pytest pytest-timeout
 # Wheels only for the compiled pins: a missing wheel fails in seconds instead of building grpcio.
 PIN_OPTS := --only-binary grpcio,protobuf
@@ -50,7 +52,7 @@ all: check
 $(VENV)/.stamp: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q --upgrade -e '.[sdnotify]' $(DEV_TOOLS)
+	$(VENV)/bin/pip install -q --upgrade -e '.[sdnotify,metrics]' $(DEV_TOOLS)
 	touch $@
 
 # $(call stack-venv,DIR,PYTHON,X.Y,NAME,PINS): a fresh venv with exactly PINS and the test tools;
@@ -128,7 +130,7 @@ define suite
 endef
 
 test-newest: venv | deb-packages
-	$(call suite,newest,$(VENV),upb)
+	$(call suite,newest,$(VENV),upb,--present prometheus_client)
 
 # The EL pins are pure Python already; this covers that backend on the newest protobuf.
 test-newest-python: venv
@@ -137,7 +139,7 @@ test-newest-python: venv
 	PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python $(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 test-el9: venv-el9 | deb-packages
-	$(call suite,el9,$(VENV_EL9),python,$(EL9_PINS))
+	$(call suite,el9,$(VENV_EL9),python,$(EL9_PINS) --absent prometheus_client)
 
 test-el10: venv-el10 | deb-packages
 	$(call suite,el10,$(VENV_EL10),python,$(EL10_PINS) --absent sdnotify)

@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from . import metrics
+
 DEFAULT_CONFIG = "/etc/udev-device-plugin/udev-device-plugin.conf"
 DROPIN_DIR_NAME = "conf.d"
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
@@ -165,6 +167,8 @@ class PluginConfig:
     registration: str = "kubelet-socket"
     plugins_registry_dir: str = PLUGINS_REGISTRY_DIR
     cdi_spec_dir: str = CDI_SPEC_DIR
+    metrics_address: Optional[metrics.MetricsAddress] = None
+    metrics_allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
                      "plugin-watcher (a socket in plugins_registry_dir), or both (the watcher, then kubelet.sock)"),
     "plugins_registry_dir": (PLUGINS_REGISTRY_DIR, "directory the kubelet's plugin watcher watches"),
     "cdi_spec_dir": (CDI_SPEC_DIR, "directory where resources with cdi = yes get their CDI spec files"),
+    "metrics_address": ("off", "serve Prometheus metrics at http://IP:PORT/metrics: 127.0.0.1:PORT or [::1]:PORT"),
+    "metrics_allow_remote": ("no", "yes: metrics_address may be an address other than loopback"),
 }
 
 RESOURCE_KEYS: Dict[str, Tuple[str, str]] = {
@@ -434,7 +440,9 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             workers = _whole(c, section, key, value, 1, 1024)
             if workers is not None:
                 into[key] = workers
-        elif key == "strict_permissions":
+        elif key == "metrics_address":
+            metrics.parse_setting(c, section, key, value, into)
+        elif key in ("strict_permissions", "metrics_allow_remote"):
             flag = _boolean(c, section, key, value)
             if flag is not None:
                 into[key] = flag
@@ -751,6 +759,7 @@ def parse(files: List[Tuple[str, str]]) -> Config:
                           "(their CDI devices would clash)")
         elif r.cdi:
             kinds[r.cdi_kind] = r
+    errors.extend(metrics.check_plugin(plugin))
     if errors:
         raise ConfigError(errors)
     return Config(PluginConfig(**plugin), tuple(resources.values()), tuple(s for s, _ in files))  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import commands, config, events
 from .cdidir import CdiSpecs
 from .discovery import touched
+from .exporter import Metrics
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
 from .inventory import Inventory
 from .kubelet import KubeletConnector
@@ -88,6 +89,7 @@ class Daemon:
         self.cdi: Optional[CdiSpecs] = None
         self._reloading = False
         self._reload_again = False
+        self.metrics = Metrics(self, on_change=self._update_status)
 
     # --- config ---------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class Daemon:
         for res in self.cfg.resources:
             self._start_resource(res)
         self._started = True
+        self.metrics.start()
         self._update_status()
 
     def _start_resource(self, res: config.ResourceConfig) -> None:
@@ -235,11 +238,13 @@ class Daemon:
             for dev in self.inventory.raw.get(name, {}).values():
                 if paths.intersection(dev.devnodes):
                     changes.setdefault(name, {})[dev.sys_path] = "change"
+        self.metrics.hotplug_arrived(self.clock(), set(changes) | full)
         # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
         self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
 
     def _handle_udev(self) -> None:
         assert self.monitor is not None
+        arrived = self.clock()
         try:
             batch = self.monitor.drain()
         except Overflow as exc:
@@ -263,6 +268,7 @@ class Daemon:
                     seen[path] = ev.action if path == ev.sys_path else "change"
         if not changes and not full:
             return  # nothing of ours (a bdi device beside a loop device, say)
+        self.metrics.hotplug_arrived(arrived, set(changes) | full)
         self._apply_when(self.coalescer.add(self.clock(), changes, full))
 
     def _apply_when(self, when: Optional[float]) -> None:
@@ -289,6 +295,7 @@ class Daemon:
                 change = self.inventory.refresh(self.context, name, changes[name])
                 if change:
                     result[name] = change
+        self.metrics.hotplug_applied(result)
         self._after_scan(result)
 
     # --- health commands ---------------------------------------------------------------------
@@ -311,6 +318,7 @@ class Daemon:
         assert self.runner is not None
         argv, env = commands.health_command_args(res, dev)
         result = await self.runner.run(argv, env, res.health_timeout)
+        self.metrics.health_result(res.name, result)
         name, dev_id = key
         if key not in self.scheduler or self.states.get(name) is None or self.states[name].config != res:
             self.scheduler.finished(key)
@@ -409,6 +417,7 @@ class Daemon:
                 self._start_resource(res)
         if self.cdi is not None and new.plugin.cdi_spec_dir != old.plugin.cdi_spec_dir:
             self.cdi.set_directory(new.plugin.cdi_spec_dir, list(self.states.values()))
+        self.metrics.configure(new.plugin)
         log.info("configuration reloaded: %d resource(s)", len(self.states))
         self._update_status()
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
@@ -459,7 +468,7 @@ class Daemon:
         stuck = len(self.inventory.stuck)
         if stuck:
             text += f"; {stuck} health check(s) stuck in uninterruptible sleep"
-        return text
+        return text + self.metrics.status()
 
     def _update_status(self) -> None:
         if self.connector is None or not self._started:
@@ -616,6 +625,7 @@ class Daemon:
                 if fd is not None:
                     with contextlib.suppress(ValueError, OSError):
                         self.loop.remove_reader(fd)
+        self.metrics.close()
         if self.connector is not None:
             await self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)
         if self.cdi is not None:

@@ -282,6 +282,7 @@ class KubeletConnector:
         self.inotify = ino.Inotify()
         self._kubelet_key: Optional[tuple] = None
         self._kubelet_gen = 0
+        self.kubelet_restarts = 0  # kubelet.sock creations seen (metrics)
         self._tasks: set = set()
         self._closed = False
 
@@ -531,6 +532,7 @@ class KubeletConnector:
         kubelet = self.kubelet()
         if kubelet is not None and (kubelet_created or overflow):
             if kubelet_created:
+                self.kubelet_restarts += 1
                 log.info("kubelet.sock created: registering with the kubelet")
             for name in list(self.plugins):
                 self.feed(name, registration.KubeletAppeared(kubelet))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set
 
 import grpc
 
-from . import allocation, api, commands, sharing
+from . import allocation, api, commands, metrics, sharing
 from .config import ResourceConfig
 from .model import CdiView, Device, quote_id
 
@@ -65,6 +65,7 @@ class ResourceState:
         self._subscribers: Set[asyncio.Event] = set()
         self._options_payload = options_for(config).SerializeToString()
         self._replies: OrderedDict[Tuple[str, bytes], _Reply] = OrderedDict()
+        self.stats = metrics.ResourceStats()  # what /metrics shows of this resource (exporter.py)
 
     def reconfigure(self, config: ResourceConfig) -> None:
         """A reload changed how devices are selected or handed out, not the options: same sockets."""
@@ -194,8 +195,10 @@ class DevicePluginServicer:
                                                raw_response=True),
             "GetPreferredAllocation": api.method_handler(api.GET_PREFERRED_ALLOCATION, self.GetPreferredAllocation,
                                                          raw_request=True, raw_response=True),
-            "Allocate": api.method_handler(api.ALLOCATE, self.Allocate, raw_request=True, raw_response=True),
-            "PreStartContainer": api.method_handler(api.PRE_START_CONTAINER, self.PreStartContainer),
+            "Allocate": api.method_handler(api.ALLOCATE, metrics.counted(self.state.stats.allocate, self.Allocate),
+                                           raw_request=True, raw_response=True),
+            "PreStartContainer": api.method_handler(
+                api.PRE_START_CONTAINER, metrics.counted(self.state.stats.prestart, self.PreStartContainer)),
         })
 
     @property

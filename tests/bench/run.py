@@ -19,7 +19,7 @@ def report(name: str, value: float, unit: str) -> None:
 def main() -> int:
     print(f"# udev-device-plugin benchmark on {platform.node()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, grpcio {grpc.__version__}", flush=True)
-    parts = sys.argv[1:] or ["core", "hotplug", "sharing"]
+    parts = sys.argv[1:] or ["core", "hotplug", "sharing", "metrics"]
     for part in parts:
         print(f"## {part}", flush=True)
         module = importlib.import_module(f"tests.bench.{part}")
