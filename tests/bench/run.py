@@ -13,7 +13,7 @@ import grpc  # noqa: E402
 
 
 def report(name: str, value: float, unit: str) -> None:
-    print(f"{name:<72} {value:>10.3f} {unit}", flush=True)
+    print(f"{name:<96} {value:>10.3f} {unit}", flush=True)
 
 
 def main() -> int:

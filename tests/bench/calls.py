@@ -1,0 +1,169 @@
+"""Calls and idleness (issues 9 and 13): Allocate sequential p50/p99 and server CPU per call (utime+stime of
+the server process over its calls) for the daemon with 1 resource and with 40 (calls spread over the 40
+sockets), next to the "Python floor" — a bare grpcio server answering Allocate with a constant
+pre-serialized reply, both as a 16-thread grpc.server and as grpc.aio — in interleaved rounds; the same
+while a rogue local client holds 200 idle ListAndWatch streams over the 40 sockets; RSS idle; and
+ListAndWatch messages and wake-ups (every thread's context switches) per second over an idle window.
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+from tests.bench import common
+from tests.bench.common import BARE_KINDS, Bare, Figures, Report, Serve, Target, channel, note, raw, rss_mib
+from tests.hotplug.loopscale import LeanKubelet
+from udev_device_plugin import api
+
+RESOURCES = 40
+ROGUE_STREAMS = 200
+IDLE_WINDOW = 5.0
+ROUNDS = 5
+PER_ROUND = 1000
+ONE = "example.com/mem"
+MEM = "subsystem = mem\nkernel = null zero full\n"
+ONE_CONFIG = f"[plugin]\nlog_level = warning\n\n[resource {ONE}]\n{MEM}"
+MANY = [f"example.com/r{i:02d}" for i in range(RESOURCES)]
+MANY_CONFIG = "[plugin]\nlog_level = warning\n\n" + "".join(f"[resource {n}]\n{MEM}\n" for n in MANY)
+# What the kubelet sends for a container asking for one device.
+REQUEST = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])]
+                              ).SerializeToString()
+
+# A local client that opens ROGUE_STREAMS ListAndWatch streams spread over the sockets it is given and
+# reads nothing after their first message; then, on the first socket, opens more until the daemon refuses.
+ROGUE = r"""
+import sys
+import grpc
+count, paths = int(sys.argv[1]), sys.argv[2:]
+channels = [grpc.insecure_channel("unix:" + p, options=[("grpc.use_local_subchannel_pool", 1)]) for p in paths]
+def open_stream(ch):
+    return ch.unary_stream("/v1beta1.DevicePlugin/ListAndWatch", request_serializer=None,
+                           response_deserializer=None)(b"")
+held = [open_stream(channels[i % len(channels)]) for i in range(count)]
+for s in held:
+    next(s)  # its first list: the stream is being served
+extra, refused = [], "none"
+for _ in range(32):
+    s = open_stream(channels[0])
+    try:
+        next(s)
+    except grpc.RpcError as exc:
+        refused = exc.code().name
+        break
+    extra.append(s)
+for s in extra:
+    s.cancel()
+print("ready", len(held), len(held) // len(paths) + len(extra), refused, flush=True)
+sys.stdin.read()
+"""
+
+
+def wait_lists(kubelet: LeanKubelet, names: List[str], daemon: Serve) -> None:
+    if not kubelet.wait_for(lambda: all(len(kubelet.lists.get(n, {})) == 3 for n in names), 60):
+        raise SystemExit(f"benchmark: the daemon did not list its devices within 60 s:\n{daemon.log()}")
+
+
+def run(report: Report) -> None:
+    with tempfile.TemporaryDirectory(prefix="udp-bench-calls-") as tmp:
+        k1 = LeanKubelet(os.path.join(tmp, "dp1")).start()
+        k40 = LeanKubelet(os.path.join(tmp, "dp40")).start()
+        one = Serve(os.path.join(tmp, "etc1"), ONE_CONFIG, k1.directory)
+        many = Serve(os.path.join(tmp, "etc40"), MANY_CONFIG, k40.directory)
+        bares: Dict[str, Bare] = {}
+        channels = []
+        rogue = None
+        try:
+            wait_lists(k1, [ONE], one)
+            wait_lists(k40, MANY, many)
+            ch1 = channel(k1.client(ONE).path)
+            channels.append(ch1)
+            reply = raw(ch1)(REQUEST, timeout=30)  # the bare servers answer with exactly our bytes
+            for kind in BARE_KINDS:
+                bares[kind] = Bare(kind, os.path.join(tmp, f"bare{len(bares)}.sock"), reply)
+            many_channels = [channel(k40.client(n).path) for n in MANY]
+            channels.extend(many_channels)
+            targets = []
+            for kind, server in bares.items():
+                ch = channel(server.sock)
+                channels.append(ch)
+                targets.append(Target(kind, server.pid, [lambda c=raw(ch): c(REQUEST, timeout=30)]))
+            targets.append(Target("daemon, 1 resource", one.pid, [lambda c=raw(ch1): c(REQUEST, timeout=30)]))
+            spread = [lambda c=raw(ch): c(REQUEST, timeout=30) for ch in many_channels]
+            targets.append(Target(f"daemon, {RESOURCES} resources", many.pid, spread))
+            note(f"Allocate of one device, {ROUNDS} interleaved rounds of {PER_ROUND} sequential calls per server; "
+                 f"{RESOURCES} resources: calls spread over their {RESOURCES} sockets")
+            got = common.interleaved(targets, ROUNDS, PER_ROUND)
+            common.report_calls(report, "Allocate", got, list(BARE_KINDS))
+
+            for kind, server in bares.items():
+                report(f"RSS idle: {kind} (after its calls)", rss_mib(server.pid), "MiB")
+            report("RSS idle: daemon, 1 resource (after its calls)", rss_mib(one.pid), "MiB")
+            report(f"RSS idle: daemon, {RESOURCES} resources", rss_mib(many.pid), "MiB")
+            for kind, server in bares.items():
+                report(f"RSS idle: daemon, 1 resource / {kind}", rss_mib(one.pid) / rss_mib(server.pid), "x")
+
+            idle(report, k1, k40, one, many, bares)
+            rogue = streams(report, tmp, k40, many, bares, targets, got)
+        finally:
+            if rogue is not None:
+                if rogue.stdin is not None:
+                    rogue.stdin.close()
+                common.stop_process(rogue)
+            for ch in channels:
+                ch.close()
+            for server in bares.values():
+                server.stop()
+            one.stop()
+            many.stop()
+            k1.stop()
+            k40.stop()
+
+
+def idle(report: Report, k1: LeanKubelet, k40: LeanKubelet, one: Serve, many: Serve, bares: Dict[str, Bare]) -> None:
+    """One window for every process at once: nobody calls; the kubelets hold their streams."""
+    pids = {"daemon, 1 resource": one.pid, f"daemon, {RESOURCES} resources": many.pid,
+            **{kind: b.pid for kind, b in bares.items()}}
+    messages = sum(k1.messages.values()), sum(k40.messages.values())
+    before = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
+    time.sleep(IDLE_WINDOW)  # the idle window being measured, not a synchronisation
+    after = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
+    report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, daemon with 1 resource",
+           sum(k1.messages.values()) - messages[0], "messages")
+    report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, daemon with {RESOURCES} resources",
+           sum(k40.messages.values()) - messages[1], "messages")
+    for name, pid in pids.items():
+        report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}",
+               (after[name][0] - before[name][0]) / IDLE_WINDOW, "per s")
+    for name in pids:
+        report(f"idle: CPU, {name}", (after[name][1] - before[name][1]) / IDLE_WINDOW * 100, "%")
+
+
+def streams(report: Report, tmp: str, k40: LeanKubelet, many: Serve, bares: Dict[str, Bare],
+            targets: List[Target], before: Dict[str, Figures]) -> subprocess.Popen:
+    paths = [k40.client(n).path for n in MANY]
+    rogue = subprocess.Popen([sys.executable, "-c", ROGUE, str(ROGUE_STREAMS)] + paths, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert rogue.stdout is not None
+    line = rogue.stdout.readline().split()
+    if not line or line[0] != "ready":
+        raise SystemExit("benchmark: the rogue client could not open its streams")
+    held, on_one, refused = int(line[1]), int(line[2]), line[3]
+    note(f"a rogue local client holds {held} idle ListAndWatch streams over the {RESOURCES} sockets "
+         f"(plus the kubelet's one each); on one socket it got {on_one} of its own before the daemon "
+         f"refused ({refused})")
+    report(f"ListAndWatch streams per socket the daemon accepted (kubelet's + rogue's), then {refused}",
+           on_one + 1, "streams")
+    rss = rss_mib(many.pid)
+    got = common.interleaved(targets, ROUNDS, PER_ROUND)
+    common.report_calls(report, f"Allocate, {held} rogue streams held", got, list(BARE_KINDS))
+    name = f"daemon, {RESOURCES} resources"
+    report(f"Allocate p99, {name}: with {held} rogue streams / without (earlier rounds)",
+           common.percentile(got[name].latencies, 99) / common.percentile(before[name].latencies, 99), "x")
+    report(f"RSS, {name}, {held} rogue streams held", rss, "MiB")
+    return rogue
