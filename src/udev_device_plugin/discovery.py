@@ -73,14 +73,22 @@ def udev_context(context=None):  # type: ignore[no-untyped-def]
 _CONTEXT = None
 
 
+class Vanished(LookupError):
+    """The device left while it was being read; its remove event follows."""
+
+
 def descendant_devnodes(context, dev: SysDevice) -> List[Tuple[str, str]]:  # type: ignore[no-untyped-def]
     """(node, subsystem) of every descendant with a device node (a PCI card's /dev/accel/accel0),
-    in natural order of the nodes.  Raises Undecodable for a descendant that is not text."""
+    in natural order of the nodes.  Raises Undecodable for a descendant that is not text, Vanished
+    when the device is gone from sysfs (unplugged since it was read)."""
     import pyudev
 
     context = udev_context(context)
     own = dev.sys_path
-    device = pyudev.Devices.from_sys_path(context, os.fsencode(own))
+    try:
+        device = pyudev.Devices.from_sys_path(context, os.fsencode(own))
+    except pyudev.DeviceNotFoundError as exc:  # no LookupError (pyudev 0.22 to 0.24): ours is one
+        raise Vanished(str(exc)) from None
     nodes = []
     for child in context.list_devices().match_parent(device):
         try:
@@ -171,7 +179,7 @@ def _evaluate_safely(context, res: ResourceConfig, udev: SysDevice,  # type: ign
     except UnicodeDecodeError as exc:  # undecodable data read where no wrapper named it (pyudev's)
         return None, (f"{res.name}: {shown_path(udev.sys_path)} skipped: its udev data is not "
                       f"{sys.getfilesystemencoding()} text: {escaped(bytes(exc.object))}")
-    except (OSError, LookupError, ValueError) as exc:  # pyudev's DeviceNotFoundError is a LookupError
+    except (OSError, LookupError, ValueError) as exc:  # Vanished is a LookupError
         # A device that vanishes mid-scan: its remove event will follow.
         log.debug("%s: %s vanished during the scan: %s", res.name, shown_path(udev.sys_path), exc)
         return None, ""

@@ -53,3 +53,22 @@ def test_an_odd_iommu_group_link_gives_no_node(sysfs, target):
     node, why = discovery.vfio_group_devnode(str(sysfs))
     assert node is None and why.startswith("its iommu_group link points to ") and why.endswith("not a group number")
     assert "\x1b" not in why
+
+
+def test_a_device_gone_before_its_descendants_are_read_is_left_out(tmp_path):
+    """A card unplugged between reading its own sysfs files and asking libudev for its children (the
+    umockdev remove test hit it): pyudev's DeviceNotFoundError is no LookupError, and once took the
+    daemon down; the device is left out quietly now, its remove event follows."""
+    from udev_device_plugin import config, sysfs
+
+    card = tmp_path / "0000:e1:00.0"  # readable as sysfs, unknown to libudev (not below /sys)
+    card.mkdir()
+    (card / "uevent").write_text("PCI_SLOT_NAME=0000:e1:00.0\n")
+    os.symlink("/sys/bus/pci", card / "subsystem")
+    res = config.parse([("t.conf", "[resource example.com/accel]\nsubsystem = pci\nchild_devnodes = accel\n")]
+                       ).resources[0]
+    view = sysfs.SysDevice(str(card), "pci")
+    with pytest.raises(discovery.Vanished):
+        discovery.descendant_devnodes(None, view)
+    current = {}
+    assert discovery.refresh(None, res, current, {str(card): "add"}) == ({}, [])
