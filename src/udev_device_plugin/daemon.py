@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import commands, config, events
 from .cdidir import CdiSpecs
-from .discovery import touched
+from .discovery import device_paths, touched
 from .exporter import Metrics
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
 from .inventory import Inventory
@@ -253,13 +253,13 @@ class Daemon:
             return
         if not batch:
             return
-        snapshot = {n: self.inventory.raw.get(n, {}) for n in self.states}
+        paths_of = device_paths({n: self.inventory.raw.get(n, {}) for n in self.states})
         resources = [s.config for s in self.states.values()]
         changes: Dict[str, Dict[str, str]] = {}
         full = set()
         for ev in batch:
             log.debug("udev %s %s (%s)", ev.action, ev.sys_path, ev.subsystem)
-            for name, paths in touched(resources, snapshot, ev.subsystem, ev.sys_path).items():
+            for name, paths in touched(resources, paths_of, ev.subsystem, ev.sys_path).items():
                 if ev.action == "move":
                     full.add(name)  # the old path is gone; only a scan knows what it was
                 seen = changes.setdefault(name, {})

@@ -72,3 +72,26 @@ def test_a_device_gone_before_its_descendants_are_read_is_left_out(tmp_path):
         discovery.descendant_devnodes(None, view)
     current = {}
     assert discovery.refresh(None, res, current, {str(card): "add"}) == ({}, [])
+
+
+def test_touched_is_the_event_device_and_the_devices_of_ours_above_it():
+    from udev_device_plugin import config
+    from udev_device_plugin.model import Device
+
+    cfg = config.parse([("t.conf", "[resource example.com/accel]\nsubsystem = pci\n\n"
+                                   "[resource example.com/loop]\nsubsystem = block\n")])
+    card = "/sys/devices/pci0000:00/0000:3b:00.0"
+
+    def dev(res: str, sys_path: str) -> Device:
+        return Device(res, sys_path.rsplit("/", 1)[1], sys_path, sys_path.rsplit("/", 1)[1], (), (), "Healthy", "")
+
+    snapshot = {"example.com/accel": {"a": dev("example.com/accel", card),
+                                      "b": dev("example.com/accel", card + "1")},  # a prefix, not a parent
+                "example.com/loop": {}}
+    paths_of = discovery.device_paths(snapshot)
+    child = card + "/accel/accel0"
+    assert discovery.touched(cfg.resources, paths_of, "accel", child) == {"example.com/accel": [card]}
+    assert discovery.touched(cfg.resources, paths_of, "pci", card + "1") == {"example.com/accel": [card + "1"]}
+    assert discovery.touched(cfg.resources, paths_of, "block", "/sys/devices/virtual/block/loop7") == {
+        "example.com/loop": ["/sys/devices/virtual/block/loop7"]}
+    assert discovery.touched(cfg.resources, paths_of, "bdi", "/sys/devices/virtual/bdi/7:0") == {}
