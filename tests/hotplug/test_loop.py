@@ -133,9 +133,10 @@ def test_change_event_rescans_and_a_vanished_node_is_unhealthy_until_it_returns(
         wait_until(lambda: "udev change /sys/devices/virtual/block/loop160 (block)" in daemon.log(),
                    what="the daemon logging the change event")
     finally:
+        # The node's return alone may bring the push (the daemon watches /dev): count from before it.
+        seq = kubelet.messages[RES]
         realudev.restore_node(160)
 
-    seq = kubelet.messages[RES]
     realudev.trigger_change("loop160")
     wait_message(kubelet, seq, lambda devs: devs.get("loop160", {}).get("health") == "Healthy", "loop160 recovered")
 

@@ -63,8 +63,9 @@ def test_replicas_and_the_cdi_spec_follow_hotplug(start_daemon, kubelet, loops, 
         assert {i: d["health"] for i, d in msg.devices.items()} == {f"loop150::{k}": "Unhealthy" for k in range(3)}
         assert os.stat(path).st_ino == inode
     finally:
+        # The node's return alone may bring the push (the daemon watches /dev): count from before it.
+        seq = kubelet.messages[RES]
         realudev.restore_node(150)
-    seq = kubelet.messages[RES]
     realudev.trigger_change("loop150")
     wait_message(kubelet, seq, lambda devs: devs.get("loop150::0", {}).get("health") == "Healthy", "recovered")
 
