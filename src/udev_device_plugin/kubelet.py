@@ -124,8 +124,8 @@ class Endpoint:
         with _umask(0o777 & ~SOCKET_MODE):
             try:
                 port = self.server.add_insecure_port("unix:" + self.bind_path)
-            except RuntimeError as exc:  # new grpcio raises, old returns 0
-                raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.path}: {exc}") from None
+            except RuntimeError as exc:  # new grpcio raises, old returns 0; neither says why
+                raise OSError(_bind_errno(directory), f"cannot listen on {self.path}: {exc}") from None
         if not port:
             raise OSError(_bind_errno(directory), f"cannot listen on {self.path}")
         st = directory.lstat(self.name)
