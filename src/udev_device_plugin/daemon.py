@@ -535,6 +535,12 @@ class Daemon:
         if exc is None:
             log.debug("event loop: %s", context.get("message"))
             return
+        if type(exc).__module__.startswith("grpc."):
+            # Raised inside grpc.aio's own per-call task (grpcio 1.46 raises ExecuteBatchError there when a
+            # stream's status cannot be sent because the client is gone): that call is over, the daemon's
+            # state is untouched, and exiting would cost every registration.
+            log.warning("gRPC: a call ended with an error inside grpcio: %s: %s", type(exc).__name__, exc)
+            return
         self._fatal_exception(exc)
 
     def request_stop(self) -> None:

@@ -1,0 +1,40 @@
+"""What the daemon's event loop does with an exception nobody awaited: grpcio's own per-call errors
+are logged (grpcio 1.46's aio server raised ExecuteBatchError in its task for a stream whose client
+had gone, and the daemon exited with every registration: seen on EL9), anything else stops the daemon
+with a non-zero status for systemd to restart it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc._cython import cygrpc
+
+from udev_device_plugin.daemon import EXIT_FAILURE, Daemon
+
+
+def loop_exception(exc: BaseException, tmp_path) -> Daemon:
+    conf = tmp_path / "udev-device-plugin.conf"
+    conf.write_text("[resource example.com/mem]\nsubsystem = mem\nkernel = null\n")
+    conf.chmod(0o644)
+    daemon = Daemon(str(conf))
+    loop = asyncio.new_event_loop()
+    try:
+        daemon._stopping = asyncio.Event()
+        daemon._loop_exception(loop, {"message": "Task exception was never retrieved", "exception": exc})
+    finally:
+        loop.close()
+    return daemon
+
+
+def test_a_grpc_internal_error_in_a_call_is_logged_and_the_daemon_serves_on(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING):
+        daemon = loop_exception(cygrpc.ExecuteBatchError("Failed \"execute_batch\""), tmp_path)
+    assert not daemon._stopping.is_set() and daemon._exit_status != EXIT_FAILURE
+    assert "a call ended with an error inside grpcio: ExecuteBatchError" in caplog.text
+
+
+def test_any_other_unexpected_exception_stops_the_daemon_for_a_restart(caplog, tmp_path):
+    daemon = loop_exception(KeyError("ours"), tmp_path)
+    assert daemon._stopping.is_set() and daemon._exit_status == EXIT_FAILURE
+    assert "internal error: KeyError" in caplog.text
