@@ -19,10 +19,12 @@ def loop_exception(exc: BaseException, tmp_path) -> Daemon:
     conf.chmod(0o644)
     daemon = Daemon(str(conf))
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # Python 3.9's asyncio.Event() takes the current loop
     try:
         daemon._stopping = asyncio.Event()
         daemon._loop_exception(loop, {"message": "Task exception was never retrieved", "exception": exc})
     finally:
+        asyncio.set_event_loop(None)
         loop.close()
     return daemon
 
