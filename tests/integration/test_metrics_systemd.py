@@ -14,8 +14,9 @@ SCRAPE = (f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.
 
 def test_metrics_need_the_documented_dropin(node: Node) -> None:  # noqa: F811 - the fixture
     node.ct.write_file(TEST_CONF, f"[plugin]\nmetrics_address = 127.0.0.1:{PORT}\n\n" + MEM_CONF)
-    reg = node.start_daemon()
-    assert sorted(reg["devices"], key=lambda d: d["id"])[0]["id"] == "null"
+    node.start_daemon()
+    # The registration may be recorded before its stream's first list: wait for the devices.
+    wait_for(lambda: "null" in node.devices(), 10, "the devices served under the shipped sandbox")
     refused = f"cannot listen on 127.0.0.1:{PORT}: Address family not supported by protocol"
     node.wait_message(refused)
     wait_for(lambda: f"metrics: {refused}" in node.prop("StatusText"), 10, "STATUS= naming the metrics problem")
