@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 
+from tests.bench.common import percentile, rss_mib
 from tests.standin import StandInKubelet
 from udev_device_plugin import api
 
@@ -54,20 +55,6 @@ server.start()
 print("ready", flush=True)
 server.wait_for_termination()
 """
-
-
-def percentile(values: List[float], p: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1)))))
-    return ordered[k]
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def wakeups(pid: int) -> dict:

@@ -23,6 +23,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported
 
 import pyudev  # noqa: E402
 
+from tests.bench.common import percentile  # noqa: E402
 from tests.bench.core import start_daemon, stop  # noqa: E402
 from tests.hotplug import mockdev, realudev  # noqa: E402
 from tests.standin import StandInKubelet  # noqa: E402
@@ -61,12 +62,6 @@ devices = list(result.snapshot["example.com/accel"].values())
 print(json.dumps({"times": times, "devices": len(devices), "nodes": sum(len(d.devnodes) for d in devices),
                   "numa": sorted({n for d in devices for n in d.numa_nodes})}))
 """
-
-
-def percentile(values: List[float], p: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1)))))
-    return ordered[k]
 
 
 class UdevWatch:
