@@ -74,8 +74,41 @@ def our_sockets(kubelet_dir: str) -> List[str]:
     return out
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix Flags: a listening socket
+
+
+def fd_kinds(pid: int) -> Dict[str, int]:
+    """The process's open descriptors by kind: how many listening UNIX sockets, accepted connections
+    (named by the socket they came in on), unnamed UNIX sockets (socketpairs and client connections),
+    other sockets (netlink), pipes, anonymous inodes by name (inotify, eventpoll) and files."""
+    unix: Dict[str, Tuple[int, bool]] = {}
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            unix[fields[6]] = (int(fields[3], 16), len(fields) > 7)
+    kinds: Dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            entry = unix.get(target[len("socket:["):-1])
+            if entry is None:
+                kind = "other socket"
+            elif entry[0] & _SO_ACCEPTCON:
+                kind = "listening socket"
+            else:
+                kind = "accepted connection" if entry[1] else "unnamed socket"
+        elif target.startswith("pipe:"):
+            kind = "pipe"
+        elif target.startswith("anon_inode:"):
+            kind = target
+        else:
+            kind = "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def thread_count(pid: int) -> int:

@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from ..conftest import wait_until
 from .helpers import (
@@ -15,7 +15,7 @@ from .helpers import (
     MEM,
     MEM_CONF,
     RecordingKubelet,
-    fd_count,
+    fd_kinds,
     our_sockets,
     thread_count,
     wait_log,
@@ -24,18 +24,17 @@ from .helpers import (
 RESTARTS = 30
 
 
-def settled_counts(pid: int) -> Tuple[int, int]:
-    """Open fds and threads of the daemon once they held still for half a second.
+def settled_counts(pid: int) -> Tuple[Dict[str, int], int]:
+    """Open fds by kind and threads of the daemon once they held still for half a second.
 
-    Right after a registration the old server's descriptors are still going away, and a closed
-    client channel's connection is released by gRPC a moment later, so a single reading can be a
-    few higher than where the process settles.
+    Right after a registration the old server's descriptors are still going away, so a single
+    reading can be a few higher than where the process settles.
     """
-    samples: List[Tuple[float, Tuple[int, int]]] = []
+    samples: List[Tuple[float, Tuple[Dict[str, int], int]]] = []
 
     def stable() -> bool:
         now = time.monotonic()
-        samples.append((now, (fd_count(pid), thread_count(pid))))
+        samples.append((now, (fd_kinds(pid), thread_count(pid))))
         same = [t for t, v in samples if v == samples[-1][1]]
         run = 0
         for _, value in reversed(samples):
@@ -67,9 +66,19 @@ def test_thirty_kubelet_restarts_reregister_without_leaks(kubelet, start_daemon,
         assert kubelet.allocate(MEM, ["zero"]).container_responses[0].devices[0].host_path == "/dev/zero"
 
     after = settled_counts(daemon.pid)
-    # One descriptor either way: a connection of the last restart's may still be closing (sampled
-    # every 10 restarts over 60, the count moves between two values).  A leak grows with the restarts.
-    assert after[0] <= baseline[0] + 1, f"open fds grew from {baseline[0]} to {after[0]} over {RESTARTS} restarts"
+    # Every kind of descriptor exactly as before (the listening sockets, the kubelet's accepted
+    # connections, inotify, epoll, files), except the client side of our Register channels: gRPC
+    # releases a closed channel's connection when its poller next runs, not at close (grpcio 1.46
+    # keeps one per channel until the next call), so each resource's last Register connection can
+    # still be open, and the one before it with its peer gone (the kubelet that restarted).  That is
+    # at most two per resource however many restarts follow (sampled over 120 restarts: at most two
+    # in all); a leak of one per restart would show as +30.
+    unnamed = "unnamed socket"
+    exact = {k: v for k, v in after[0].items() if k != unnamed}
+    assert exact == {k: v for k, v in baseline[0].items() if k != unnamed}, (
+        f"open fds changed from {baseline[0]} to {after[0]} over {RESTARTS} restarts")
+    assert after[0].get(unnamed, 0) <= baseline[0].get(unnamed, 0) + 2 * 2, (
+        f"unnamed sockets grew from {baseline[0]} to {after[0]} over {RESTARTS} restarts")
     # Threads: exact, except for the gRPC handler pool's high-water mark.  The pool (a
     # ThreadPoolExecutor) never retires a worker, and it adds one when a new ListAndWatch arrives
     # while the old stream's handler is still returning; that overlap is at most one stream per
