@@ -678,7 +678,26 @@ class JournalFormatter(logging.Formatter):
         return f"<{self._PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
+class BrokenWriteFilter(logging.Filter):
+    """grpc.aio logs a stream message that could not go out because the connection broke before
+    it noticed the client leave (a kubelet restarting) as an error with a traceback
+    ("ExecuteBatchError raised in core by servicer method [...ListAndWatch]").  Nothing is wrong
+    with the daemon then: the stream's end is handled (registration.py) and logged by us.  The
+    record becomes one DEBUG line; any other grpc error keeps its level and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "ExecuteBatchError":
+            record.args = (record.getMessage(), exc)
+            record.msg = "%s (the connection broke while a message was being sent: %s)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str) -> None:
+    logging.getLogger("grpc._cython.cygrpc").addFilter(BrokenWriteFilter())
     handler = logging.StreamHandler()
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         handler.setFormatter(JournalFormatter("%(message)s"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from grpc._cython import cygrpc
 
@@ -40,3 +41,48 @@ def test_any_other_unexpected_exception_stops_the_daemon_for_a_restart(caplog, t
     daemon = loop_exception(KeyError("ours"), tmp_path)
     assert daemon._stopping.is_set() and daemon._exit_status == EXIT_FAILURE
     assert "internal error: KeyError" in caplog.text
+
+
+BATCH_ERROR = "ExecuteBatchError raised in core by servicer method [/v1beta1.DevicePlugin/ListAndWatch]"
+
+
+def broken_write_record(exc: BaseException) -> logging.LogRecord:
+    """The record grpc.aio's server logs for a stream write that failed (server.pyx.pxi)."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise exc
+    except BaseException:  # noqa: BLE001 - a record of whatever it was
+        return logger.makeRecord(logger.name, logging.ERROR, "server.pyx.pxi", 1, BATCH_ERROR, (), sys.exc_info())
+
+
+def test_a_write_on_a_broken_stream_is_one_debug_line_not_a_traceback():
+    from udev_device_plugin.daemon import BrokenWriteFilter
+
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    record = broken_write_record(cygrpc.ExecuteBatchError('Failed "execute_batch": (SendMessageOperation,)'))
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        assert BrokenWriteFilter().filter(record)
+    finally:
+        logger.setLevel(level)
+    assert record.levelno == logging.DEBUG and record.exc_info is None
+    text = logging.Formatter("%(levelname)s %(message)s").format(record)
+    assert "Traceback" not in text and "\n" not in text
+    assert text.startswith("DEBUG " + BATCH_ERROR)
+    assert "the connection broke while a message was being sent" in text
+    # At the daemon's usual levels the record is dropped.
+    logger.setLevel(logging.INFO)
+    try:
+        assert not BrokenWriteFilter().filter(broken_write_record(cygrpc.ExecuteBatchError("x")))
+    finally:
+        logger.setLevel(level)
+
+
+def test_any_other_grpc_error_keeps_its_traceback():
+    from udev_device_plugin.daemon import BrokenWriteFilter
+
+    record = broken_write_record(ValueError("a bug in a handler"))
+    assert BrokenWriteFilter().filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "Traceback" in logging.Formatter("%(message)s").format(record)
