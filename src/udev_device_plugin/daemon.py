@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import commands, config, events
 from .cdidir import CdiSpecs
-from .discovery import device_paths, touched
+from .discovery import touched
 from .exporter import Metrics
 from .hotplug import Coalescer, DevnodeWatch, HotplugMonitor, Overflow
 from .inventory import Inventory
 from .kubelet import KubeletConnector
-from .model import HEALTHY, ResourceDiff
+from .model import ResourceDiff
 from .notify import Notifier, watchdog_interval
 from .scheduler import HealthScheduler
 from .servicer import PrestartLimit, ResourceState
@@ -173,6 +173,7 @@ class Daemon:
         state = ResourceState(res)
         self.inventory.add(state)
         self._after_scan(self.inventory.scan(self.context, [res.name]))  # the first answer is the full list
+        self._watch_devnodes()
         self._sync_cdi(res.name)  # the spec is in place before the kubelet hears of a device
         assert self.connector is not None
         self.connector.add(state)
@@ -182,6 +183,9 @@ class Daemon:
         await self.connector.remove(name)
         if self.cdi is not None:
             self.cdi.remove(name)
+        state = self.states.get(name)
+        if self.devnodes is not None and state is not None:
+            self.devnodes.adjust(removed=[n for d in state.current()[1].values() for n in d.devnodes])
         self.inventory.remove(name)
         self.scheduler.remove_group(name)
         self._lagging.pop(name, None)
@@ -195,7 +199,11 @@ class Daemon:
         for name, change in changes.items():
             self._sync_cdi(name)
             self._health_follow(name, change)
-        self._watch_devnodes()
+            if self.devnodes is not None:
+                self.devnodes.adjust(added=[n for d in change.added for n in d.devnodes] +
+                                     [n for _, d in change.changed for n in d.devnodes],
+                                     removed=[n for d in change.removed for n in d.devnodes] +
+                                     [n for d, _ in change.changed for n in d.devnodes])
         self._update_status()
 
     def _sync_cdi(self, name: str) -> None:
@@ -218,8 +226,9 @@ class Daemon:
         self._schedule_health()
 
     def _watch_devnodes(self) -> None:
+        """The resources changed: watch their extra nodes (their devices' nodes follow the diffs)."""
         if self.devnodes is not None:
-            self.devnodes.watch(self.inventory.nodes())
+            self.devnodes.set_extra(n for s in self.states.values() for n in s.config.extra_devnodes)
 
     def _handle_devnodes(self) -> None:
         """A device node appeared or vanished outside udev's events: look at its device again."""
@@ -235,9 +244,8 @@ class Daemon:
             if "" in paths or extra & paths:
                 full.add(name)  # events were lost, or a node every device shares
                 continue
-            for dev in self.inventory.raw.get(name, {}).values():
-                if paths.intersection(dev.devnodes):
-                    changes.setdefault(name, {})[dev.sys_path] = "change"
+            for sys_path in sorted(self.inventory.at_nodes(name, paths)):
+                changes.setdefault(name, {})[sys_path] = "change"
         self.metrics.hotplug_arrived(self.clock(), set(changes) | full)
         # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
         self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
@@ -253,7 +261,7 @@ class Daemon:
             return
         if not batch:
             return
-        paths_of = device_paths({n: self.inventory.raw.get(n, {}) for n in self.states})
+        paths_of = {n: self.inventory.paths(n) for n in self.states}
         resources = [s.config for s in self.states.values()]
         changes: Dict[str, Dict[str, str]] = {}
         full = set()
@@ -434,6 +442,7 @@ class Daemon:
         state.reconfigure(res)
         self.scheduler.remove_group(name)
         self._after_scan(self.inventory.scan(self.context, [name]))
+        self._watch_devnodes()  # extra_devnodes may have changed
         self._sync_cdi(name)  # the CDI settings may have changed alone
         if res.health_command:
             for dev_id in self.inventory.raw.get(name, {}):
@@ -456,9 +465,8 @@ class Daemon:
         return self._started_at + self.cfg.plugin.ready_timeout
 
     def _summary(self) -> str:
-        devices = self.inventory.devices()
-        sick = sum(1 for d in devices if d.health != HEALTHY)
-        text = f"{len(devices)} device(s)"
+        count, sick = self.inventory.counts()
+        text = f"{count} device(s)"
         if sick:
             text += f", {sick} unhealthy"
         if self.connector is not None:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from . import sysfs
 from .config import ResourceConfig
@@ -228,23 +228,37 @@ def subsystem_devices(context, subsystem: str) -> List[SysDevice]:  # type: igno
     return [SysDevice(p, subsystem) for p in paths]
 
 
+class Refreshed(NamedTuple):
+    devices: Dict[str, Device]  # the resource's devices now, in natural order of their IDs
+    problems: List[str]
+    at: Dict[str, Optional[Device]]  # each changed sys_path -> its device now (None: none of ours)
+
+
 def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type: ignore[no-untyped-def]
-            changes: Mapping[str, str], exists: Callable[[str], bool] = os.path.exists
-            ) -> Optional[Tuple[Dict[str, Device], List[str]]]:
+            changes: Mapping[str, str], exists: Callable[[str], bool] = os.path.exists,
+            by_path: Optional[Mapping[str, Device]] = None) -> Optional[Refreshed]:
     """``current`` with only the devices at ``changes`` (sys_path -> udev action) looked at again.
 
-    What keeps an event's cost independent of the resource's size.  None when only a full
-    scan can tell: two devices claiming one ID, or a device that hid others with its ID (its
-    ``shadows``) leaving or changing its ID, so that one of them is advertised in its place.
-    The caller then scans the resource.  A sys_path may hold surrogates (:func:`safe_sys_path`).
+    What keeps an event's cost independent of the resource's size: ``by_path`` (``current`` by
+    sys_path, which the caller keeps; built here when not given) finds the devices the event
+    names, every other device is kept as the very object it was, and the order is kept by
+    placing only the new IDs.  None when only a full scan can tell: two devices claiming one
+    ID, or a device that hid others with its ID (its ``shadows``) leaving or changing its ID, so
+    that one of them is advertised in its place.  The caller then scans the resource.  A
+    sys_path may hold surrogates (:func:`safe_sys_path`).
     """
-    by_path = {d.sys_path: d for d in current.values()}
-    found = dict(current)
+    if by_path is None:
+        by_path = {d.sys_path: d for d in current.values()}
+    gone: Set[str] = set()
+    new: Dict[str, Device] = {}
+    at: Dict[str, Optional[Device]] = {}
     problems: List[str] = []
     for sys_path, action in changes.items():
         old = by_path.get(sys_path)
+        at[sys_path] = None
         if old is not None:
-            del found[old.id]
+            gone.add(old.id)
+            new.pop(old.id, None)
         if action == "remove":
             if old is not None and old.shadows:
                 return None
@@ -263,10 +277,43 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
             device = dataclasses.replace(device, shadows=old.shadows)
         if device is None:
             continue
-        if device.id in found and found[device.id].sys_path != sys_path:
+        other = new.get(device.id) or (current.get(device.id) if device.id not in gone else None)
+        if other is not None and other.sys_path != sys_path:
             return None
-        found[device.id] = device
-    return _ordered(found), problems
+        new[device.id] = device
+        at[sys_path] = device
+    return Refreshed(_placed(current, gone, new), problems, at)
+
+
+def _placed(current: Mapping[str, Device], gone: AbstractSet[str], new: Mapping[str, Device]) -> Dict[str, Device]:
+    """``current`` (in natural order) without the IDs ``gone``, with ``new``: an ID ``current`` has
+    keeps its place, another goes where a stable sort by :func:`natural_key` puts it (after equal
+    keys).  Costs a copy of ``current`` and a binary search per new ID, not a sort."""
+    out = dict(current)
+    for dev_id in gone:
+        if dev_id not in new:
+            del out[dev_id]
+    inserted = [dev_id for dev_id in new if dev_id not in out]
+    last = next(reversed(out), None) if inserted else None
+    out.update(new)  # an ID out has keeps its place; the others are appended
+    if not inserted:
+        return out
+    if len(inserted) == 1 and (last is None or natural_key(last) <= natural_key(inserted[0])):
+        return out  # appended, which is its place (a loop device with the highest number)
+    if len(inserted) > len(out) // 16:
+        return _ordered(out)
+    keys = list(out)[:len(out) - len(inserted)]
+    for dev_id in inserted:
+        key = natural_key(dev_id)
+        lo, hi = 0, len(keys)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key < natural_key(keys[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        keys.insert(lo, dev_id)
+    return dict(zip(keys, map(out.__getitem__, keys)))
 
 
 def scan(context, resources: Iterable[ResourceConfig],  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ results are samples, so a change takes ``threshold`` consecutive equal results.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 
 @dataclass
@@ -21,6 +21,7 @@ class _State:
 class CommandHealth:
     def __init__(self) -> None:
         self._states: Dict[Hashable, _State] = {}
+        self._failing: Dict[Hashable, None] = {}  # the keys whose damped result is unhealthy
 
     def observe(self, key: Hashable, healthy: bool, reason: str, threshold: int) -> Tuple[bool, str]:
         """Record one result; return the damped (healthy, reason)."""
@@ -35,6 +36,10 @@ class CommandHealth:
             state.pending += 1
             if state.pending >= threshold:
                 state.healthy, state.reason, state.pending = healthy, reason, 0
+        if state.healthy:
+            self._failing.pop(key, None)
+        else:
+            self._failing[key] = None
         return state.healthy, state.reason
 
     def get(self, key: Hashable) -> Optional[Tuple[bool, str]]:
@@ -43,6 +48,11 @@ class CommandHealth:
 
     def forget(self, key: Hashable) -> None:
         self._states.pop(key, None)
+        self._failing.pop(key, None)
+
+    def failing(self) -> List[Hashable]:
+        """The keys whose damped result is unhealthy, in the order they turned so."""
+        return list(self._failing)
 
     def keys(self) -> list[Hashable]:
         return list(self._states)

@@ -206,27 +206,68 @@ class DevnodeWatch:
         self.inotify = ino.Inotify()
         self._dirs: Dict[str, int] = {}
         self._by_wd: Dict[int, str] = {}
+        self._uses: Dict[str, int] = {}  # directory -> how many devices' nodes are in it
+        self._extra: Set[str] = set()  # the directories of the extra nodes
 
     def fileno(self) -> int:
         return self.inotify.fileno()
 
-    def watch(self, paths: Iterable[str]) -> None:
-        """Watch exactly the parent directories of ``paths``."""
-        wanted = {os.path.dirname(p) for p in paths if p.startswith("/")}
-        for directory in set(self._dirs) - wanted:
-            wd = self._dirs.pop(directory)
-            self._by_wd.pop(wd, None)
-            self.inotify.rm_watch(wd)
-        for directory in wanted - set(self._dirs):
-            try:
-                wd = self.inotify.add_watch(directory, self.MASK)
-            except OSError as exc:
-                # A directory that does not exist yet (/dev/accel before its driver loads):
-                # its device's add event brings a rescan, which watches it then.
-                log.debug("cannot watch %s: %s", directory, exc.strerror)
-                continue
-            self._dirs[directory] = wd
-            self._by_wd[wd] = directory
+    def adjust(self, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+        """Device nodes came (``added``) and went (``removed``), each once per device that has it:
+        watch the directories that hold one now, no more those that hold none.  Costs the nodes
+        given, not all of them (a hotplug event at 10,000 devices passes one)."""
+        self._apply(self._count(added, 1) | self._count(removed, -1))
+
+    def set_extra(self, paths: Iterable[str]) -> None:
+        """The nodes watched besides the devices' own (the resources' extra_devnodes), all of them."""
+        old, self._extra = self._extra, {self._parent(p) for p in paths if p.startswith("/")}
+        self._apply(old ^ self._extra)
+
+    @staticmethod
+    def _parent(path: str) -> str:
+        return path.rpartition("/")[0] or "/"
+
+    def _count(self, paths: Iterable[str], step: int) -> Set[str]:
+        seen = set()
+        for path in paths:
+            if path.startswith("/"):
+                directory = self._parent(path)
+                seen.add(directory)
+                uses = self._uses.get(directory, 0) + step
+                if uses > 0:
+                    self._uses[directory] = uses
+                else:
+                    self._uses.pop(directory, None)
+        return seen
+
+    def _apply(self, directories: Iterable[str]) -> None:
+        for directory in directories:
+            wanted = directory in self._uses or directory in self._extra
+            if wanted and directory not in self._dirs:
+                self._watch(directory)  # also one that did not exist at the last try
+            elif not wanted and directory in self._dirs:
+                self._unwatch(directory)
+
+    @property
+    def directories(self) -> Set[str]:
+        """The directories watched now."""
+        return set(self._dirs)
+
+    def _watch(self, directory: str) -> None:
+        try:
+            wd = self.inotify.add_watch(directory, self.MASK)
+        except OSError as exc:
+            # A directory that does not exist yet (/dev/accel before its driver loads):
+            # its device's add event brings a rescan, which watches it then.
+            log.debug("cannot watch %s: %s", directory, exc.strerror)
+            return
+        self._dirs[directory] = wd
+        self._by_wd[wd] = directory
+
+    def _unwatch(self, directory: str) -> None:
+        wd = self._dirs.pop(directory)
+        self._by_wd.pop(wd, None)
+        self.inotify.rm_watch(wd)
 
     def changed(self) -> Set[str]:
         """Paths created or removed since the last call; ``{""}`` when events were lost."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from . import discovery, events
 from .health import CommandHealth
@@ -21,11 +21,42 @@ from .servicer import ResourceState
 log = logging.getLogger(__name__)
 
 
+class _Index:
+    """One resource's devices by sys_path and by device node, kept in step with its snapshot, so
+    that an event finds its devices without a walk over all of them."""
+
+    def __init__(self, devices: Mapping[str, Device]) -> None:
+        self.by_path: Dict[str, Device] = {d.sys_path: d for d in devices.values()}
+        self.by_node: Dict[str, Set[str]] = {}
+        for dev in devices.values():
+            self._link(dev)
+
+    def _link(self, dev: Device) -> None:
+        for node in dev.devnodes:
+            self.by_node.setdefault(node, set()).add(dev.sys_path)
+
+    def update(self, at: Mapping[str, Optional[Device]]) -> None:
+        for sys_path, dev in at.items():
+            old = self.by_path.pop(sys_path, None)
+            if old is not None:
+                for node in old.devnodes:
+                    paths = self.by_node.get(node)
+                    if paths is not None:
+                        paths.discard(sys_path)
+                        if not paths:
+                            del self.by_node[node]
+            if dev is not None:
+                self.by_path[sys_path] = dev
+                self._link(dev)
+
+
 class Inventory:
     def __init__(self, sink: events.Sink) -> None:
         self.sink = sink
         self.states: Dict[str, ResourceState] = {}
         self.raw: Dict[str, Mapping[str, Device]] = {}
+        self.index: Dict[str, _Index] = {}
+        self._sick: Dict[str, int] = {}  # resource -> how many of its published devices are unhealthy
         self.problems: Set[str] = set()
         self.command_health = CommandHealth()
         # Devices whose health_command could not be killed: unhealthy until it exits.
@@ -39,6 +70,8 @@ class Inventory:
     def remove(self, name: str) -> None:
         state = self.states.pop(name, None)
         self.raw.pop(name, None)
+        self.index.pop(name, None)
+        self._sick.pop(name, None)
         if state is not None:
             for dev_id in state.current()[1]:
                 self.command_health.forget((name, dev_id))
@@ -62,6 +95,7 @@ class Inventory:
         out = {}
         for res in resources:
             self.raw[res.name] = result.snapshot[res.name]
+            self.index[res.name] = _Index(self.raw[res.name])
             change = self.publish(res.name)
             if change:
                 out[res.name] = change
@@ -70,25 +104,35 @@ class Inventory:
     def refresh(self, context: Any, name: str, changes: Mapping[str, str]) -> Optional[ResourceDiff]:
         """Look again at only the devices an event touched (a full scan when only that can tell)."""
         res = self.states[name].config
-        result = discovery.refresh(context, res, self.raw.get(name, {}), changes)
+        index = self.index.get(name)
+        result = discovery.refresh(context, res, self.raw.get(name, {}), changes,
+                                   by_path=index.by_path if index is not None else None)
         if result is None:
             return self.scan(context, [name]).get(name)
-        self.raw[name], problems = result
-        self._note_problems(set(problems) - self.problems)
-        self.problems |= set(problems)
+        self.raw[name] = result.devices
+        if index is None:
+            self.index[name] = _Index(result.devices)
+        else:
+            index.update(result.at)
+        self._note_problems(set(result.problems) - self.problems)
+        self.problems |= set(result.problems)
         return self.publish(name)
 
     def _note_problems(self, new: Set[str]) -> None:
         for problem in sorted(new):
             log.warning("%s", problem)
 
-    def nodes(self) -> Set[str]:
-        """Every device node of every resource (for the inotify watch on their directories)."""
-        out: Set[str] = set()
-        for name, state in self.states.items():
-            out.update(n for dev in self.raw.get(name, {}).values() for n in dev.devnodes)
-            out.update(state.config.extra_devnodes)
-        return out
+    def at_nodes(self, name: str, nodes: AbstractSet[str]) -> Set[str]:
+        """The sys_paths of the devices of ``name`` that have one of ``nodes``."""
+        index = self.index.get(name)
+        if index is None:
+            return set()
+        return {p for node in nodes for p in index.by_node.get(node, ())}
+
+    def paths(self, name: str) -> AbstractSet[str]:
+        """The sys_paths of the devices of ``name`` (a live view)."""
+        index = self.index.get(name)
+        return index.by_path.keys() if index is not None else frozenset()
 
     # --- health_command results -------------------------------------------------------------------------
 
@@ -111,18 +155,28 @@ class Inventory:
 
     # --- publishing ------------------------------------------------------------------------------------------
 
-    def effective(self, name: str) -> Dict[str, Device]:
-        """Rule health from the scan, overlaid with the damped health_command result."""
-        out = {}
-        for dev_id, dev in self.raw.get(name, {}).items():
-            if dev.healthy:
-                stuck = self.stuck.get((name, dev_id))
-                cmd = self.command_health.get((name, dev_id))
-                if stuck is not None:
-                    dev = dataclasses.replace(dev, health=UNHEALTHY, reason=stuck)
-                elif cmd is not None and not cmd[0]:
-                    dev = dataclasses.replace(dev, health=UNHEALTHY, reason=cmd[1])
-            out[dev_id] = dev
+    def effective(self, name: str) -> Mapping[str, Device]:
+        """Rule health from the scan, overlaid with the damped health_command result.
+
+        The scan's own mapping when no command or stuck check overrides a device (the usual case),
+        else a copy with only the overridden devices replaced: the cost follows the unhealthy
+        devices, not all of them.
+        """
+        raw = self.raw.get(name, {})
+        overrides: Dict[str, str] = {}
+        for key in self.command_health.failing():
+            if key[0] == name:  # type: ignore[index]
+                overrides[key[1]] = self.command_health.get(key)[1]  # type: ignore[index]
+        for (res, dev_id), reason in self.stuck.items():
+            if res == name:
+                overrides[dev_id] = reason  # a stuck check wins over the last result
+        if not overrides:
+            return raw
+        out = dict(raw)
+        for dev_id, reason in overrides.items():
+            dev = raw.get(dev_id)
+            if dev is not None and dev.healthy:
+                out[dev_id] = dataclasses.replace(dev, health=UNHEALTHY, reason=reason)
         return out
 
     def publish(self, name: str) -> Optional[ResourceDiff]:
@@ -137,6 +191,10 @@ class Inventory:
         change = diff({name: old}, {name: new}).get(name)
         if change is None:
             return None
+        sick = self._sick.get(name, 0)
+        sick += sum(1 for d in change.added if not d.healthy) - sum(1 for d in change.removed if not d.healthy)
+        sick += sum(int(b.healthy) - int(a.healthy) for b, a in change.changed)
+        self._sick[name] = sick
         for dev in change.added:
             self.sink.emit(events.devices_event("added", name, dev.id, dev.devnodes, dev.health, dev.reason))
         for dev in change.removed:
@@ -162,5 +220,6 @@ class Inventory:
                 log.debug("%s: device %s changed: %s -> %s", name, after.id, before, after)
         return change
 
-    def devices(self) -> List[Device]:
-        return [d for s in self.states.values() for d in s.current()[1].values()]
+    def counts(self) -> Tuple[int, int]:
+        """How many devices every resource publishes, and how many of them are unhealthy."""
+        return sum(len(s.current()[1]) for s in self.states.values()), sum(self._sick.values())

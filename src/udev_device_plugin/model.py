@@ -55,15 +55,30 @@ class ResourceDiff:
 
 
 def diff(old: Snapshot, new: Snapshot) -> Dict[str, ResourceDiff]:
-    """Per resource, what changed from ``old`` to ``new``; resources without change are left out."""
+    """Per resource, what changed from ``old`` to ``new``; resources without change are left out.
+
+    Each part is in the order of its snapshot (natural order of the IDs: discovery keeps it).  A
+    device that is the very same object in both is unchanged without being compared: a refresh
+    keeps every device it did not look at, so an event at 10,000 devices compares only its own.
+    """
     out: Dict[str, ResourceDiff] = {}
     for name in set(old) | set(new):
         before = old.get(name, {})
         after = new.get(name, {})
-        added = tuple(after[i] for i in sorted(set(after) - set(before)))
-        removed = tuple(before[i] for i in sorted(set(before) - set(after)))
-        changed = tuple((before[i], after[i]) for i in sorted(set(before) & set(after)) if before[i] != after[i])
-        d = ResourceDiff(added, changed, removed)
+        if before is after:
+            continue
+        added: List[Device] = []
+        changed: List[Tuple[Device, Device]] = []
+        get = before.get
+        for key, dev in after.items():
+            was = get(key)
+            if was is None:
+                added.append(dev)
+            elif was is not dev and was != dev:
+                changed.append((was, dev))
+        kept = len(after) - len(added)
+        removed = tuple(dev for key, dev in before.items() if key not in after) if len(before) > kept else ()
+        d = ResourceDiff(tuple(added), tuple(changed), removed)
         if d:
             out[name] = d
     return out

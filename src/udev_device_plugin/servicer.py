@@ -55,7 +55,7 @@ class ResourceState:
 
     def __init__(self, config: ResourceConfig) -> None:
         self.config = config
-        self._devices: Mapping[str, Device] = {}
+        self._devices: Dict[str, Device] = {}
         self._encoder = sharing.Encoder()
         self._advertised: Optional[sharing.Advertised] = None
         self._left_out: Tuple[str, ...] = ()
@@ -78,7 +78,10 @@ class ResourceState:
 
     def publish(self, devices: Mapping[str, Device]) -> bool:
         """Make ``devices`` current; wake the ListAndWatch streams when the list changed."""
-        if dict(devices) == dict(self._devices):
+        if not isinstance(devices, dict):
+            devices = dict(devices)
+        # Unchanged devices are the same objects (discovery keeps them): dict equality skips them.
+        if devices is self._devices or devices == self._devices:
             return False
         self._devices = devices
         self._changed()

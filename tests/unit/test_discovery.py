@@ -71,7 +71,7 @@ def test_a_device_gone_before_its_descendants_are_read_is_left_out(tmp_path):
     with pytest.raises(discovery.Vanished):
         discovery.descendant_devnodes(None, view)
     current = {}
-    assert discovery.refresh(None, res, current, {str(card): "add"}) == ({}, [])
+    assert discovery.refresh(None, res, current, {str(card): "add"}) == ({}, [], {str(card): None})
 
 
 def test_touched_is_the_event_device_and_the_devices_of_ours_above_it():
@@ -95,3 +95,72 @@ def test_touched_is_the_event_device_and_the_devices_of_ours_above_it():
     assert discovery.touched(cfg.resources, paths_of, "block", "/sys/devices/virtual/block/loop7") == {
         "example.com/loop": ["/sys/devices/virtual/block/loop7"]}
     assert discovery.touched(cfg.resources, paths_of, "bdi", "/sys/devices/virtual/bdi/7:0") == {}
+
+
+# --- refresh at scale: the devices an event does not name stay as they are -----------------------
+
+def _misc_resource():
+    from udev_device_plugin import config
+
+    return config.parse([("t.conf", "[resource example.com/dev]\nsubsystem = misc\nkernel = d*\n")]).resources[0]
+
+
+def _synthetic(ids):
+    from udev_device_plugin.model import Device
+
+    return {i: Device("example.com/dev", i, f"/sys/devices/virtual/misc/{i}", i, (f"/dev/{i}",)) for i in ids}
+
+
+def _fake_misc_device(tmp_path, name):
+    """A directory sysfs.SysDevice reads as a misc device with node /dev/<name>."""
+    path = tmp_path / name
+    path.mkdir()
+    (path / "uevent").write_text(f"MAJOR=10\nMINOR=99\nDEVNAME={name}\n")
+    os.symlink("/sys/class/misc", path / "subsystem")
+    return str(path)
+
+
+def test_placed_is_the_order_a_full_sort_gives():
+    import random
+
+    from udev_device_plugin.model import natural_key
+
+    rng = random.Random(13)
+    universe = [f"d{n}" for n in range(400)] + [f"d{n}x{m}" for n in range(20) for m in range(5)] + ["e", "dz"]
+    for _ in range(200):
+        current = discovery._ordered(_synthetic(rng.sample(universe, rng.randrange(0, 300))))
+        gone = set(rng.sample(list(current), min(len(current), rng.randrange(0, 4))))
+        new = _synthetic(rng.sample(universe, rng.randrange(0, 30)))
+        new = {k: v for k, v in new.items() if k not in current or k in gone}
+        got = discovery._placed(current, gone, new)
+        expected = {k: v for k, v in current.items() if k not in gone or k in new}
+        expected.update(new)
+        assert list(got) == sorted(expected, key=natural_key)
+        assert got == expected
+
+
+def test_refresh_keeps_every_device_it_was_not_asked_about(tmp_path):
+    res = _misc_resource()
+    current = discovery._ordered(_synthetic([f"d{n}" for n in range(1000)]))
+    by_path = {d.sys_path: d for d in current.values()}
+    added = _fake_misc_device(tmp_path, "d1500")
+    early = _fake_misc_device(tmp_path, "d77x")
+    gone = current["d500"].sys_path
+    got = discovery.refresh(None, res, current, {gone: "remove", added: "add", early: "add"},
+                            exists=lambda p: True, by_path=by_path)
+    assert got is not None
+    assert got.at == {gone: None, added: got.devices["d1500"], early: got.devices["d77x"]}
+    ids = list(got.devices)
+    assert ids[-1] == "d1500" and ids[ids.index("d77") + 1] == "d77x" and "d500" not in ids
+    assert all(got.devices[k] is dev for k, dev in current.items() if k != "d500")
+    assert len(ids) == 1001 and got.problems == []
+    # The same without the caller's index.
+    assert discovery.refresh(None, res, current, {gone: "remove", added: "add", early: "add"},
+                             exists=lambda p: True) == got
+
+
+def test_refresh_gives_way_to_a_scan_when_a_new_device_claims_an_id_in_use(tmp_path):
+    res = _misc_resource()
+    current = _synthetic(["d1", "d2"])
+    clone = _fake_misc_device(tmp_path, "d2")  # another sys_path, the same ID as /sys/devices/virtual/misc/d2
+    assert discovery.refresh(None, res, current, {clone: "add"}, exists=lambda p: True) is None

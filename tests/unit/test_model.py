@@ -46,10 +46,39 @@ def test_diff_of_equal_but_distinct_values_is_empty():
     assert diff({"a": {"a0": dev("a", "a0")}}, {"a": {"a0": dev("a", "a0")}}) == {}
 
 
-def test_diff_orders_by_id():
-    ids = ["d3", "d1", "d2"]
-    got = diff({}, {"a": {i: dev("a", i) for i in ids}})
-    assert [d.id for d in got["a"].added] == ["d1", "d2", "d3"]
+def test_diff_keeps_the_snapshots_order():
+    # Snapshots are in natural order (discovery keeps it): loop2 before loop10, unlike sorted().
+    ids = ["loop2", "loop10", "loop11"]
+    before = {"a": {i: dev("a", i) for i in ids[1:]}}
+    after = {"a": {i: dev("a", i, health=UNHEALTHY) if i == "loop11" else dev("a", i) for i in ids[:2]}}
+    got = diff(before, after)["a"]
+    assert [d.id for d in got.added] == ["loop2"]
+    assert [d.id for d in got.removed] == ["loop11"]
+    assert got.changed == ()
+    assert [d.id for d in diff({}, after)["a"].added] == ["loop2", "loop10"]
+
+
+def test_diff_compares_only_what_is_not_the_same_object():
+    compared = []
+
+    class Counted(Device):
+        def __eq__(self, other):
+            compared.append(self.id)
+            return super().__eq__(other)
+
+        __hash__ = Device.__hash__
+
+    def counted(id_, health=HEALTHY):
+        return Counted("a", id_, f"/sys/devices/{id_}", id_, ("/dev/x",), (), health, "")
+
+    shared = [counted(f"a{i}") for i in range(100)]
+    sick = counted("a1", UNHEALTHY)
+    before = {d.id: d for d in shared}
+    after = dict(before, a1=sick)
+    got = diff({"a": before}, {"a": after})
+    assert compared == ["a1"]  # the one new object only, not the 99 the snapshots share
+    assert got["a"].changed == ((before["a1"], sick),)
+
 
 
 @pytest.mark.parametrize("d, expected", [

@@ -1,0 +1,86 @@
+"""inventory.py without udev: the per-resource index an event is looked up in stays what a rebuild
+would give, the published list keeps the devices nobody touched as the very objects they were, and
+health_command overrides cost only the devices they name."""
+
+from __future__ import annotations
+
+import os
+
+from udev_device_plugin import config, discovery, inventory
+from udev_device_plugin.model import UNHEALTHY, Device
+from udev_device_plugin.servicer import ResourceState
+
+NAME = "example.com/dev"
+
+
+class Sink:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+
+def setup(ids, nodes=lambda i: (f"/dev/{i}",)):
+    res = config.parse([("t.conf", f"[resource {NAME}]\nsubsystem = misc\nkernel = d*\n")]).resources[0]
+    inv = inventory.Inventory(Sink())
+    inv.add(ResourceState(res))
+    raw = {i: Device(NAME, i, f"/sys/devices/virtual/misc/{i}", i, nodes(i)) for i in ids}
+    inv.raw[NAME] = discovery._ordered(raw)
+    inv.index[NAME] = inventory._Index(inv.raw[NAME])
+    inv.publish(NAME)
+    return inv
+
+
+def rebuilt(inv):
+    fresh = inventory._Index(inv.raw[NAME])
+    return fresh.by_path, fresh.by_node
+
+
+def test_a_removal_updates_the_index_and_keeps_the_other_devices():
+    # Two devices share /dev/shared (one VFIO group node for two functions, say).
+    inv = setup([f"d{n}" for n in range(50)], nodes=lambda i: (f"/dev/{i}", "/dev/shared") if i in ("d1", "d2")
+                else (f"/dev/{i}",))
+    before = dict(inv.states[NAME].current()[1])
+    change = inv.refresh(None, NAME, {"/sys/devices/virtual/misc/d1": "remove"})
+    assert [d.id for d in change.removed] == ["d1"] and not change.added and not change.changed
+    index = inv.index[NAME]
+    assert (index.by_path, index.by_node) == rebuilt(inv)
+    assert index.by_node["/dev/shared"] == {"/sys/devices/virtual/misc/d2"}
+    assert inv.at_nodes(NAME, {"/dev/shared", "/dev/d7"}) == {"/sys/devices/virtual/misc/d2",
+                                                                "/sys/devices/virtual/misc/d7"}
+    now = inv.states[NAME].current()[1]
+    assert all(now[k] is dev for k, dev in before.items() if k != "d1")
+    assert inv.counts() == (49, 0)
+    assert "/sys/devices/virtual/misc/d1" not in inv.paths(NAME)
+
+
+def test_an_add_goes_into_the_index(tmp_path):
+    inv = setup(["d1", "d3"])
+    path = tmp_path / "d2"
+    path.mkdir()
+    (path / "uevent").write_text("MAJOR=10\nMINOR=99\nDEVNAME=d2\n")
+    os.symlink("/sys/class/misc", path / "subsystem")
+    change = inv.refresh(None, NAME, {str(path): "add"})
+    assert [d.id for d in change.added] == ["d2"]
+    assert list(inv.states[NAME].current()[1]) == ["d1", "d2", "d3"]
+    index = inv.index[NAME]
+    assert (index.by_path, index.by_node) == rebuilt(inv)
+    assert str(path) in inv.paths(NAME)
+
+
+def test_command_health_overrides_only_the_devices_it_names_and_counts_follow():
+    inv = setup([f"d{n}" for n in range(100)])
+    raw = inv.raw[NAME]
+    assert inv.effective(NAME) is raw  # nothing overrides: the scan's own mapping
+    change = inv.health_result(NAME, "d5", False, "exit 1", threshold=1)
+    assert [(a.id, b.health) for a, b in change.changed] == [("d5", UNHEALTHY)]
+    now = inv.states[NAME].current()[1]
+    assert now["d5"].reason == "exit 1" and all(now[k] is raw[k] for k in raw if k != "d5")
+    assert inv.counts() == (100, 1)
+    inv.health_result(NAME, "d6", False, "stuck", threshold=1, stuck=True)
+    assert inv.counts() == (100, 2)
+    assert inv.health_result(NAME, "d5", True, "", threshold=1) is not None
+    assert inv.release_stuck(NAME, "d6") is not None
+    assert inv.counts() == (100, 0) and inv.effective(NAME) is raw
+    assert inv.command_health.failing() == []
