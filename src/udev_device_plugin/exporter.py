@@ -36,12 +36,10 @@ import contextlib
 import errno
 import logging
 import os
-import platform
 import resource
 import socket
 import time
 from collections import Counter
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import __version__, metrics, registration
@@ -85,6 +83,8 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 def response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
              head_only: bool = False, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
+    from email.utils import formatdate  # here: the daemon's start imports only what serving needs
+
     lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {content_type}",
              f"Content-Length: {len(body)}", f"Date: {formatdate(usegmt=True)}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in extra]
@@ -519,7 +519,7 @@ class Metrics:
                 health_command=bool(state.config.health_command), lagging=name in lagging))
         restarts = self._restarts_before + getattr(connector, "kubelet_restarts", 0)
         return metrics.View(
-            version=__version__, python=platform.python_version(), grpcio=self._grpcio, resources=resources,
+            version=__version__, python=_python_version(), grpcio=self._grpcio, resources=resources,
             registration_states=[s.name.lower() for s in registration.State], kubelet_restarts=restarts,
             health_started=d.scheduler.runs_total, health_late=d.scheduler.late_total,
             health_stuck=len(d.runner.abandoned) if d.runner is not None else 0,
@@ -530,6 +530,12 @@ class Metrics:
 # --- the process ---------------------------------------------------------------------------------
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def _python_version() -> str:
+    import platform  # here: the daemon's start imports only what serving needs
+
+    return platform.python_version()
+
+
 _PAGE = resource.getpagesize()
 
 

@@ -186,10 +186,8 @@ class Inventory:
             return None
         old = state.current()[1]
         new = self.effective(name)
-        if not state.publish(new):
-            return None
         change = diff({name: old}, {name: new}).get(name)
-        if change is None:
+        if not state.publish(new, change) or change is None:
             return None
         sick = self._sick.get(name, 0)
         sick += sum(1 for d in change.added if not d.healthy) - sum(1 for d in change.removed if not d.healthy)

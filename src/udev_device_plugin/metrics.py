@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
@@ -459,6 +458,8 @@ class MetricsAddress:
 
     @property
     def loopback(self) -> bool:
+        import ipaddress  # here: the daemon's start imports only what serving needs
+
         return ipaddress.ip_address(self.host).is_loopback
 
     def __str__(self) -> str:
@@ -489,6 +490,8 @@ def parse_address(text: str, source: str = "") -> Optional[MetricsAddress]:
         raise ValueError(f"no port; {_ACCEPTED}")
     if "%" in host:
         raise ValueError(f"a zone index (%...) is not supported; {_ACCEPTED}")
+    import ipaddress  # here: only a config with metrics_address needs it
+
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

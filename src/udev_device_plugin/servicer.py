@@ -26,7 +26,7 @@ import grpc
 
 from . import allocation, api, commands, metrics, sharing
 from .config import ResourceConfig
-from .model import CdiView, Device, quote_id
+from .model import CdiView, Device, ResourceDiff, quote_id
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class ResourceState:
         self._devices: Dict[str, Device] = {}
         self._encoder = sharing.Encoder()
         self._advertised: Optional[sharing.Advertised] = None
+        self._change: Optional[ResourceDiff] = None
         self._left_out: Tuple[str, ...] = ()
         self.cdi: Optional[CdiView] = None
         self._version = 0
@@ -76,20 +77,27 @@ class ResourceState:
         if config.replicas != replicas:
             self._changed()  # the same devices, other IDs
 
-    def publish(self, devices: Mapping[str, Device]) -> bool:
-        """Make ``devices`` current; wake the ListAndWatch streams when the list changed."""
+    def publish(self, devices: Mapping[str, Device], change: Optional[ResourceDiff] = None) -> bool:
+        """Make ``devices`` current; wake the ListAndWatch streams when the list changed.
+
+        ``change``: how ``devices`` differ from the current ones (the inventory's diff), which lets
+        the list be re-encoded for those devices only."""
         if not isinstance(devices, dict):
             devices = dict(devices)
         # Unchanged devices are the same objects (discovery keeps them): dict equality skips them.
         if devices is self._devices or devices == self._devices:
             return False
+        # The encoder can apply the change only to the list it made last, of the version before.
+        pending = change if self._advertised is not None else None
         self._devices = devices
         self._changed()
+        self._change = pending
         return True
 
     def _changed(self) -> None:
         self._version += 1
         self._advertised = None
+        self._change = None
         self._replies.clear()
         for event in self._subscribers:
             event.set()
@@ -100,7 +108,8 @@ class ResourceState:
     def advertised(self) -> sharing.Advertised:
         """The IDs of the current version: the table Allocate looks them up in, and the list's bytes."""
         if self._advertised is None:
-            self._advertised = self._encoder.advertise(self._devices, self.config.replicas)
+            self._advertised = self._encoder.advertise(self._devices, self.config.replicas, change=self._change)
+            self._change = None
             left_out = self._advertised.left_out
             if left_out and len(left_out) != len(self._left_out):
                 log.error("%s: %d devices x %d replicas would make a ListAndWatch message larger than the "

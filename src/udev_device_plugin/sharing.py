@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from itertools import compress, repeat
 from operator import is_not, itemgetter
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
-from .model import Device
+from .model import Device, ResourceDiff
 
 # grpc-go's default receive limit, which the kubelet's device plugin client keeps, less room for
 # the frame and a margin.
@@ -122,8 +122,54 @@ class Encoder:
     def __init__(self) -> None:
         self._chunks: Dict[str, _Chunk] = {}
         self._replicas = 0
+        # The last list as advertised: its device IDs and their bytes, in order, and their size
+        # (what :meth:`advertise` updates in place when it is told what changed).
+        self._ids: List[str] = []
+        self._parts: List[bytes] = []
+        self._size = 0
+        self._complete = False  # the last list left out no device
 
-    def advertise(self, devices: Mapping[str, Device], replicas: int, limit: int = LIST_LIMIT) -> Advertised:
+    def advertise(self, devices: Mapping[str, Device], replicas: int, limit: int = LIST_LIMIT,
+                  change: Optional[ResourceDiff] = None) -> Advertised:
+        """The list of ``devices``.  ``change``: what differs from the last list this encoder made
+        (the inventory's diff), so that only those devices are looked at: at 10,000 devices a
+        hotplug event then costs a few list operations and one join (~1 ms here) instead of a
+        pass over every device (~5 ms).  Without it, or where it cannot apply, every device."""
+        if change is not None and replicas == self._replicas == 1 and self._complete:
+            got = self._update(devices, change, limit)
+            if got is not None:
+                return got
+        return self._advertise(devices, replicas, limit)
+
+    def _update(self, devices: Mapping[str, Device], change: ResourceDiff, limit: int) -> Optional[Advertised]:
+        ids, parts, chunks = self._ids, self._parts, self._chunks
+        try:
+            for dev in change.removed:
+                i = ids.index(dev.id)
+                self._size -= len(parts[i])
+                del ids[i], parts[i]
+                del chunks[dev.id]
+            for _, dev in change.changed:
+                i = ids.index(dev.id)
+                chunk = chunks[dev.id] = (dev, (dev.id,), encode_device(dev, (dev.id,)))
+                self._size += len(chunk[2]) - len(parts[i])
+                parts[i] = chunk[2]
+            if change.added:
+                order = list(devices)
+                for pos, dev in sorted((order.index(d.id), d) for d in change.added):
+                    chunk = chunks[dev.id] = (dev, (dev.id,), encode_device(dev, (dev.id,)))
+                    ids.insert(pos, dev.id)
+                    parts.insert(pos, chunk[2])
+                    self._size += len(chunk[2])
+        except (ValueError, KeyError):  # not the list it was told about: build it from the devices
+            self._replicas = 0
+            return None
+        if len(ids) != len(devices) or self._size > limit:
+            self._replicas = 0
+            return None
+        return Advertised(devices, {}, _OwnIds(devices), 1, b"".join(parts), ())
+
+    def _advertise(self, devices: Mapping[str, Device], replicas: int, limit: int) -> Advertised:
         if replicas != self._replicas:
             self._chunks, self._replicas = {}, replicas
         old = self._chunks
@@ -149,6 +195,8 @@ class Encoder:
             left_out = list(devices)[cut:]  # and every device after the first too many: the list keeps its order
             del chunks[cut:], parts[cut:], values[cut:]
         self._chunks = dict(zip(devices, chunks))
+        self._ids, self._parts = list(self._chunks), parts
+        self._size, self._complete = sum(map(len, parts)), not left_out
         payload = b"".join(parts)
         if replicas <= 1:
             table: Mapping[str, Device] = devices if not left_out else dict(zip(devices, values))

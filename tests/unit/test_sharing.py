@@ -113,3 +113,45 @@ def test_ten_thousand_replicas():
     devices = table(*(dev(f"loop{i}", (i % 2,)) for i in range(100)))
     got = sharing.Encoder().advertise(devices, 100)
     assert len(got.devices) == 10_000 and got.payload == protobuf_list(devices, 100)
+
+
+def test_a_list_told_what_changed_is_the_list_encoded_from_scratch():
+    """ResourceState passes the inventory's diff to the encoder, which then re-encodes only those
+    devices: after every step of a random walk (adds anywhere in the order, removals, health and
+    NUMA changes, several publishes between two reads), the bytes are the generic encoder's."""
+    import random
+
+    from udev_device_plugin import config, discovery
+    from udev_device_plugin.model import diff
+    from udev_device_plugin.servicer import ResourceState
+
+    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
+    state = ResourceState(res)
+    rng = random.Random(12)
+    current: Dict[str, Device] = {}
+    updated = []
+    encoder_update = state._encoder._update
+
+    def spy(*args):
+        got = encoder_update(*args)
+        updated.append(got is not None)
+        return got
+
+    state._encoder._update = spy
+    for step in range(400):
+        new = dict(current)
+        for _ in range(rng.choice([1, 1, 1, 2, 5])):
+            i = f"d{rng.randrange(60)}"
+            if i in new and rng.random() < 0.5:
+                del new[i]
+            else:
+                new[i] = dev(i, numa=rng.choice([(), (0,), (1,)]), health=rng.choice([HEALTHY, UNHEALTHY]))
+        new = discovery._ordered(new)
+        change = diff({"r": current}, {"r": new}).get("r")
+        if change is not None:
+            state.publish(new, change)
+        current = new
+        if rng.random() < 0.8:  # sometimes two changes reach the encoder at once (it takes neither)
+            assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
+            assert dict(state.advertised().ids_of) == {i: (i,) for i in current}
+    assert sum(updated) > 200 and all(updated)  # most steps went the short way, and it always held
