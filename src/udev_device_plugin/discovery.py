@@ -13,7 +13,20 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import (
+    AbstractSet,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from . import sysfs
 from .config import ResourceConfig
@@ -219,13 +232,14 @@ def scan_resource(context, res: ResourceConfig,  # type: ignore[no-untyped-def]
     return _ordered(found), problems
 
 
-def subsystem_devices(context, subsystem: str) -> List[SysDevice]:  # type: ignore[no-untyped-def]
+def subsystem_devices(context, subsystem: str) -> Iterator[SysDevice]:  # type: ignore[no-untyped-def]
     """Every device of ``subsystem``: listed from sysfs, or by libudev for a subsystem sysfs has no
-    directory for."""
+    directory for.  One at a time: a device's view (its uevent, its properties) is garbage once it
+    was looked at, so a scan of 10,000 devices never holds 10,000 of them."""
     paths = sysfs.subsystem_paths(subsystem)
     if paths is None:
         paths = [safe_sys_path(d) for d in udev_context(context).list_devices(subsystem=subsystem)]
-    return [SysDevice(p, subsystem) for p in paths]
+    return (SysDevice(p, subsystem) for p in paths)
 
 
 class Refreshed(NamedTuple):

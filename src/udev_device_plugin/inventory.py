@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import discovery, events
 from .health import CommandHealth
@@ -23,28 +23,49 @@ log = logging.getLogger(__name__)
 
 class _Index:
     """One resource's devices by sys_path and by device node, kept in step with its snapshot, so
-    that an event finds its devices without a walk over all of them."""
+    that an event finds its devices without a walk over all of them.  A node most often belongs to
+    one device: ``by_node`` holds its sys_path then, a set only for a node devices share (a VFIO
+    group's); at 10,000 devices that is 2 MiB less."""
 
     def __init__(self, devices: Mapping[str, Device]) -> None:
         self.by_path: Dict[str, Device] = {d.sys_path: d for d in devices.values()}
-        self.by_node: Dict[str, Set[str]] = {}
+        self.by_node: Dict[str, Union[str, Set[str]]] = {}
         for dev in devices.values():
             self._link(dev)
 
+    def paths_at(self, node: str) -> Set[str]:
+        held = self.by_node.get(node)
+        if held is None:
+            return set()
+        return {held} if isinstance(held, str) else set(held)
+
     def _link(self, dev: Device) -> None:
         for node in dev.devnodes:
-            self.by_node.setdefault(node, set()).add(dev.sys_path)
+            held = self.by_node.get(node)
+            if held is None:
+                self.by_node[node] = dev.sys_path
+            elif isinstance(held, str):
+                if held != dev.sys_path:
+                    self.by_node[node] = {held, dev.sys_path}
+            else:
+                held.add(dev.sys_path)
+
+    def _unlink(self, dev: Device) -> None:
+        for node in dev.devnodes:
+            held = self.by_node.get(node)
+            if isinstance(held, str):
+                if held == dev.sys_path:
+                    del self.by_node[node]
+            elif held is not None:
+                held.discard(dev.sys_path)
+                if len(held) == 1:
+                    self.by_node[node] = next(iter(held))
 
     def update(self, at: Mapping[str, Optional[Device]]) -> None:
         for sys_path, dev in at.items():
             old = self.by_path.pop(sys_path, None)
             if old is not None:
-                for node in old.devnodes:
-                    paths = self.by_node.get(node)
-                    if paths is not None:
-                        paths.discard(sys_path)
-                        if not paths:
-                            del self.by_node[node]
+                self._unlink(old)
             if dev is not None:
                 self.by_path[sys_path] = dev
                 self._link(dev)
@@ -127,7 +148,7 @@ class Inventory:
         index = self.index.get(name)
         if index is None:
             return set()
-        return {p for node in nodes for p in index.by_node.get(node, ())}
+        return {p for node in nodes for p in index.paths_at(node)}
 
     def paths(self, name: str) -> AbstractSet[str]:
         """The sys_paths of the devices of ``name`` (a live view)."""

@@ -46,7 +46,7 @@ def test_a_removal_updates_the_index_and_keeps_the_other_devices():
     assert [d.id for d in change.removed] == ["d1"] and not change.added and not change.changed
     index = inv.index[NAME]
     assert (index.by_path, index.by_node) == rebuilt(inv)
-    assert index.by_node["/dev/shared"] == {"/sys/devices/virtual/misc/d2"}
+    assert index.paths_at("/dev/shared") == {"/sys/devices/virtual/misc/d2"}
     assert inv.at_nodes(NAME, {"/dev/shared", "/dev/d7"}) == {"/sys/devices/virtual/misc/d2",
                                                                 "/sys/devices/virtual/misc/d7"}
     now = inv.states[NAME].current()[1]
