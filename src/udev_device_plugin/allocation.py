@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .config import ResourceConfig
@@ -43,8 +42,7 @@ class MountSpec(NamedTuple):
     read_only: bool
 
 
-@dataclass(frozen=True)
-class ContainerAllocation:
+class ContainerAllocation(NamedTuple):
     devices: Tuple[DeviceNode, ...]
     mounts: Tuple[MountSpec, ...]
     envs: Tuple[Tuple[str, str], ...]

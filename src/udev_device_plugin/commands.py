@@ -27,8 +27,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Set
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Set
 
 from .config import ResourceConfig
 from .model import Device
@@ -55,8 +54,7 @@ _SWEEPS = (0.0, 0.1)
 PR_SET_CHILD_SUBREAPER = 36
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     ok: bool
     timed_out: bool
     detail: str

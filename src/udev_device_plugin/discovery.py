@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import (
     AbstractSet,
     Callable,
@@ -65,8 +64,7 @@ def shown_path(sys_path: str) -> str:
     return escaped(os.fsencode(sys_path))
 
 
-@dataclass(frozen=True)
-class ScanResult:
+class ScanResult(NamedTuple):
     snapshot: Snapshot
     problems: Tuple[str, ...]
 

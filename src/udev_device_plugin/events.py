@@ -12,8 +12,7 @@ import os
 import socket
 import struct
 import sys
-from dataclasses import dataclass
-from typing import IO, Dict, List, Optional, Protocol, Tuple
+from typing import IO, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ MESSAGE_IDS = {
 WARNING, NOTICE, INFO = 4, 5, 6
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     kind: str
     resource: str
     message: str

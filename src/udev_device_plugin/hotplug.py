@@ -7,8 +7,7 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 from . import inotify as ino
 from .discovery import shown_path
@@ -20,8 +19,7 @@ RECEIVE_BUFFER = 32 * 1024 * 1024
 ACTIONS = ("add", "remove", "change", "bind", "unbind", "move")
 
 
-@dataclass(frozen=True)
-class UdevEvent:
+class UdevEvent(NamedTuple):
     action: str
     subsystem: Optional[str]
     sys_path: str

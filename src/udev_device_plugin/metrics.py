@@ -158,8 +158,7 @@ def failure_code(exc: BaseException, context: Any) -> str:
 
 # --- what a scrape sees ---------------------------------------------------------------------------
 
-@dataclass
-class ResourceView:
+class ResourceView(NamedTuple):
     name: str
     stats: ResourceStats
     devices: Mapping[str, int]  # health -> device IDs advertised
@@ -172,8 +171,7 @@ class ResourceView:
     lagging: bool = False
 
 
-@dataclass
-class ProcessView:
+class ProcessView(NamedTuple):
     cpu_seconds: float = 0.0
     resident_bytes: int = 0
     virtual_bytes: int = 0
@@ -182,18 +180,17 @@ class ProcessView:
     start_time: float = 0.0
 
 
-@dataclass
-class View:
+class View(NamedTuple):
     version: str
     python: str
     grpcio: str
-    resources: List[ResourceView] = field(default_factory=list)
+    resources: Sequence[ResourceView] = ()
     registration_states: Sequence[str] = ()
     kubelet_restarts: int = 0
     health_started: int = 0
     health_late: int = 0
     health_stuck: int = 0
-    refused: Mapping[str, int] = field(default_factory=dict)
+    refused: Mapping[str, int] = {}  # never changed: a NamedTuple's default is shared
     process: Optional[ProcessView] = None
 
 
