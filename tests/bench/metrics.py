@@ -52,12 +52,14 @@ def counting_overhead_ns() -> float:
 
 
 def render_ms(renderer: str, resources: int) -> float:
-    view = metrics.View(version="0", python="3", grpcio="1", registration_states=["waiting", "registered"])
+    views = []
     for i in range(resources):
         stats = metrics.ResourceStats()
         stats.allocate.ok = 12345
-        view.resources.append(metrics.ResourceView(f"example.com/r{i}", stats, {"Healthy": 10}, 3, 1,
-                                                   "registered", 1, 0, True, False))
+        views.append(metrics.ResourceView(f"example.com/r{i}", stats, {"Healthy": 10}, 3, 1, "registered", 1, 0,
+                                          True, False))
+    view = metrics.View(version="0", python="3", grpcio="1", resources=views,
+                        registration_states=["waiting", "registered"])
     render = metrics.render_text if renderer == "builtin" else metrics.PrometheusClient().render
     times = []
     for _ in range(200):
