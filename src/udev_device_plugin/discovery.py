@@ -270,7 +270,6 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
         at[sys_path] = None
         if old is not None:
             gone.add(old.id)
-            new.pop(old.id, None)
         if action == "remove":
             if old is not None and old.shadows:
                 return None
@@ -338,17 +337,13 @@ def scan(context, resources: Iterable[ResourceConfig],  # type: ignore[no-untype
     return ScanResult(snapshot, tuple(problems))
 
 
-def device_paths(snapshot: Snapshot) -> Dict[str, AbstractSet[str]]:
-    """Per resource, the sys_paths of its devices: what :func:`touched` looks ancestors up in."""
-    return {name: {dev.sys_path for dev in devices.values()} for name, devices in snapshot.items()}
-
-
 def touched(resources: Sequence[ResourceConfig], paths_of: Mapping[str, AbstractSet[str]],
             subsystem: Optional[str], sys_path: str) -> Dict[str, List[str]]:
     """Per resource, the devices a udev event on (subsystem, sys_path) asks to look at again.
 
     The event's own device, for resources of its subsystem; and any device of ours above
-    it in sysfs, whose child nodes count as its own.  ``paths_of``: :func:`device_paths`.
+    it in sysfs, whose child nodes count as its own.  ``paths_of``: per resource, the sys_paths
+    of its devices (the inventory keeps them: ``Inventory.paths``).
     The cost is the depth of ``sys_path``, not the number of devices: a burst of 10,000
     loop devices' 20,000 events once took a minute of CPU here.
     """

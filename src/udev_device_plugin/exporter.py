@@ -530,13 +530,13 @@ class Metrics:
 # --- the process ---------------------------------------------------------------------------------
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = resource.getpagesize()
+
+
 def _python_version() -> str:
     import platform  # here: the daemon's start imports only what serving needs
 
     return platform.python_version()
-
-
-_PAGE = resource.getpagesize()
 
 
 def _stat_fields() -> List[str]:

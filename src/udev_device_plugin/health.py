@@ -21,7 +21,7 @@ class _State:
 class CommandHealth:
     def __init__(self) -> None:
         self._states: Dict[Hashable, _State] = {}
-        self._failing: Dict[Hashable, None] = {}  # the keys whose damped result is unhealthy
+        self._failing: Dict[Hashable, str] = {}  # the keys whose damped result is unhealthy -> why
 
     def observe(self, key: Hashable, healthy: bool, reason: str, threshold: int) -> Tuple[bool, str]:
         """Record one result; return the damped (healthy, reason)."""
@@ -39,7 +39,7 @@ class CommandHealth:
         if state.healthy:
             self._failing.pop(key, None)
         else:
-            self._failing[key] = None
+            self._failing[key] = state.reason
         return state.healthy, state.reason
 
     def get(self, key: Hashable) -> Optional[Tuple[bool, str]]:
@@ -50,9 +50,9 @@ class CommandHealth:
         self._states.pop(key, None)
         self._failing.pop(key, None)
 
-    def failing(self) -> List[Hashable]:
-        """The keys whose damped result is unhealthy, in the order they turned so."""
-        return list(self._failing)
+    def failing(self) -> List[Tuple[Hashable, str]]:
+        """(key, reason) of each key whose damped result is unhealthy, in the order they turned so."""
+        return list(self._failing.items())
 
     def keys(self) -> list[Hashable]:
         return list(self._states)

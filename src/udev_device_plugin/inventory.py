@@ -185,9 +185,9 @@ class Inventory:
         """
         raw = self.raw.get(name, {})
         overrides: Dict[str, str] = {}
-        for key in self.command_health.failing():
+        for key, reason in self.command_health.failing():
             if key[0] == name:  # type: ignore[index]
-                overrides[key[1]] = self.command_health.get(key)[1]  # type: ignore[index]
+                overrides[key[1]] = reason  # type: ignore[index]
         for (res, dev_id), reason in self.stuck.items():
             if res == name:
                 overrides[dev_id] = reason  # a stuck check wins over the last result

@@ -88,6 +88,12 @@ _Chunk = Tuple[Device, Tuple[str, ...], bytes]
 _NO_CHUNK: _Chunk = (None, (), b"")  # type: ignore[assignment]
 
 
+def _own_chunk(dev: Device) -> _Chunk:
+    """The chunk of ``dev`` advertised as itself (one replica)."""
+    ids = (dev.id,)
+    return (dev, ids, encode_device(dev, ids))
+
+
 class _OwnIds(Mapping[str, Tuple[str, ...]]):
     """``ids_of`` with one replica: each advertised device is its one ID (no table to build)."""
 
@@ -151,13 +157,13 @@ class Encoder:
                 del chunks[dev.id]
             for _, dev in change.changed:
                 i = ids.index(dev.id)
-                chunk = chunks[dev.id] = (dev, (dev.id,), encode_device(dev, (dev.id,)))
+                chunk = chunks[dev.id] = _own_chunk(dev)
                 self._size += len(chunk[2]) - len(parts[i])
                 parts[i] = chunk[2]
             if change.added:
                 order = list(devices)
                 for pos, dev in sorted((order.index(d.id), d) for d in change.added):
-                    chunk = chunks[dev.id] = (dev, (dev.id,), encode_device(dev, (dev.id,)))
+                    chunk = chunks[dev.id] = _own_chunk(dev)
                     ids.insert(pos, dev.id)
                     parts.insert(pos, chunk[2])
                     self._size += len(chunk[2])

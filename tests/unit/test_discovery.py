@@ -88,7 +88,7 @@ def test_touched_is_the_event_device_and_the_devices_of_ours_above_it():
     snapshot = {"example.com/accel": {"a": dev("example.com/accel", card),
                                       "b": dev("example.com/accel", card + "1")},  # a prefix, not a parent
                 "example.com/loop": {}}
-    paths_of = discovery.device_paths(snapshot)
+    paths_of = {name: {d.sys_path for d in devices.values()} for name, devices in snapshot.items()}
     child = card + "/accel/accel0"
     assert discovery.touched(cfg.resources, paths_of, "accel", child) == {"example.com/accel": [card]}
     assert discovery.touched(cfg.resources, paths_of, "pci", card + "1") == {"example.com/accel": [card + "1"]}
