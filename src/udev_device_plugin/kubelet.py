@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
-from . import __version__, api, commands, registration
+from . import __version__, commands, registration, wire
 from . import inotify as ino
 from .config import KUBELET_SOCKET
 from .registration import Registration, State
@@ -42,7 +42,7 @@ from .sockdir import SOCKET_MODE, RestartNeeded, SocketDir, connections
 
 log = logging.getLogger(__name__)
 
-API_VERSION = api.API_VERSION
+API_VERSION = wire.API_VERSION
 SOCKET_PREFIX = "udevdp-"
 # sun_path holds 108 bytes including the terminating NUL; the kubelet dials the real path.
 _MAX_SOCKET_PATH = 107
@@ -166,16 +166,16 @@ class WatcherRegistration:
         self.connector = connector
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return api.service_handler(api.PLUGIN_REGISTRATION, {
-            "GetInfo": api.method_handler(api.GET_INFO, self.GetInfo),
-            "NotifyRegistrationStatus": api.method_handler(api.NOTIFY_REGISTRATION_STATUS,
+        return wire.service_handler(wire.PLUGIN_REGISTRATION, {
+            "GetInfo": wire.method_handler(wire.GET_INFO, self.GetInfo),
+            "NotifyRegistrationStatus": wire.method_handler(wire.NOTIFY_REGISTRATION_STATUS,
                                                            self.NotifyRegistrationStatus)})
 
     async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         log.debug("%s: the plugin watcher asked GetInfo on %s", self.name, self.endpoint.name)
         self.connector.feed(self.name, registration.InfoRequested(self.endpoint.seq))
         # The endpoint is this very socket, by its real path: the kubelet dials it for DevicePlugin.
-        return api.PluginInfo(type=api.PLUGIN_TYPE, name=self.name, endpoint=self.endpoint.path,
+        return wire.PluginInfo(type=wire.PLUGIN_TYPE, name=self.name, endpoint=self.endpoint.path,
                               supported_versions=[API_VERSION])
 
     async def NotifyRegistrationStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -186,7 +186,7 @@ class WatcherRegistration:
                         self.endpoint.name, request.error[:500])
         self.connector.feed(self.name, registration.Answered(self.endpoint.offer_attempt, request.plugin_registered,
                                                              request.error[:500]))
-        return api.RegistrationStatusResponse()
+        return wire.RegistrationStatusResponse()
 
 
 def _bind_errno(directory: SocketDir) -> int:
@@ -438,14 +438,14 @@ class KubeletConnector:
         if endpoint is None:
             self.feed(plugin.name, registration.Answered(attempt, False, "our socket was retired meanwhile"))
             return
-        request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint.name, resource_name=plugin.name,
+        request = wire.RegisterRequest(version=API_VERSION, endpoint=endpoint.name, resource_name=plugin.name,
                                       options=options_for(plugin.state.config))
         try:
             await endpoint.started  # serving before Register: the kubelet dials back during it
             assert self.sockets is not None
             channel = grpc.aio.insecure_channel("unix:" + self.sockets.dir.at(KUBELET_SOCKET), options=CHANNEL_OPTIONS)
             try:
-                await api.Stub(channel, (api.REGISTER,)).Register(request, timeout=self.register_timeout)
+                await wire.Stub(channel, (wire.REGISTER,)).Register(request, timeout=self.register_timeout)
             finally:
                 await channel.close()
             ok, why = True, ""
@@ -706,7 +706,7 @@ class KubeletConnector:
             return None
         channel = grpc.aio.insecure_channel("unix:" + endpoint.bind_path, options=CHANNEL_OPTIONS)
         try:
-            await api.Stub(channel, (api.GET_DEVICE_PLUGIN_OPTIONS,)).GetDevicePluginOptions(api.Empty(),
+            await wire.Stub(channel, (wire.GET_DEVICE_PLUGIN_OPTIONS,)).GetDevicePluginOptions(wire.Empty(),
                                                                                              timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if endpoint.stopped:

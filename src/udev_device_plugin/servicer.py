@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set
 
 import grpc
 
-from . import allocation, api, commands, metrics, sharing
+from . import allocation, commands, metrics, sharing, wire
 from .config import ResourceConfig
 from .model import CdiView, Device, ResourceDiff, quote_id
 
@@ -167,7 +167,7 @@ class ResourceState:
 
 
 def options_for(config: ResourceConfig) -> Any:
-    return api.DevicePluginOptions(pre_start_required=bool(config.prestart_command),
+    return wire.DevicePluginOptions(pre_start_required=bool(config.prestart_command),
                                    get_preferred_allocation_available=True)
 
 
@@ -200,17 +200,17 @@ class DevicePluginServicer:
         self._streams: Dict[int, asyncio.Event] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return api.service_handler(api.DEVICE_PLUGIN, {
-            "GetDevicePluginOptions": api.method_handler(api.GET_DEVICE_PLUGIN_OPTIONS, self.GetDevicePluginOptions,
+        return wire.service_handler(wire.DEVICE_PLUGIN, {
+            "GetDevicePluginOptions": wire.method_handler(wire.GET_DEVICE_PLUGIN_OPTIONS, self.GetDevicePluginOptions,
                                                          raw_request=True, raw_response=True),
-            "ListAndWatch": api.method_handler(api.LIST_AND_WATCH, self.ListAndWatch, raw_request=True,
+            "ListAndWatch": wire.method_handler(wire.LIST_AND_WATCH, self.ListAndWatch, raw_request=True,
                                                raw_response=True),
-            "GetPreferredAllocation": api.method_handler(api.GET_PREFERRED_ALLOCATION, self.GetPreferredAllocation,
+            "GetPreferredAllocation": wire.method_handler(wire.GET_PREFERRED_ALLOCATION, self.GetPreferredAllocation,
                                                          raw_request=True, raw_response=True),
-            "Allocate": api.method_handler(api.ALLOCATE, metrics.counted(self.state.stats.allocate, self.Allocate),
+            "Allocate": wire.method_handler(wire.ALLOCATE, metrics.counted(self.state.stats.allocate, self.Allocate),
                                            raw_request=True, raw_response=True),
-            "PreStartContainer": api.method_handler(
-                api.PRE_START_CONTAINER, metrics.counted(self.state.stats.prestart, self.PreStartContainer)),
+            "PreStartContainer": wire.method_handler(
+                wire.PRE_START_CONTAINER, metrics.counted(self.state.stats.prestart, self.PreStartContainer)),
         })
 
     @property
@@ -266,18 +266,17 @@ class DevicePluginServicer:
         if reply is not None:
             return reply.payload
         try:
-            parsed = api.PreferredAllocationRequest.FromString(request)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between backends
+            parsed = wire.PreferredAllocationRequest.FromString(request)
+        except wire.DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{self.state.config.name}: GetPreferredAllocation request does not parse")
+                                f"{self.state.config.name}: GetPreferredAllocation request does not parse: {exc}")
         advertised = self.state.advertised()
         policy = self.state.config.replica_policy
-        response = api.PreferredAllocationResponse()
-        for creq in parsed.container_requests:
-            chosen = allocation.preferred(advertised.devices, list(creq.available_deviceIDs),
-                                          list(creq.must_include_deviceIDs), creq.allocation_size,
-                                          advertised.replica_of, advertised.replicas, policy)
-            response.container_responses.add(deviceIDs=chosen)
+        response = wire.PreferredAllocationResponse(container_responses=[
+            wire.ContainerPreferredAllocationResponse(deviceIDs=allocation.preferred(
+                advertised.devices, creq.available_deviceIDs, creq.must_include_deviceIDs, creq.allocation_size,
+                advertised.replica_of, advertised.replicas, policy))
+            for creq in parsed.container_requests])
         payload = response.SerializeToString()
         self.state.cache("preferred", request, _Reply(payload, ()))
         return payload
@@ -287,32 +286,30 @@ class DevicePluginServicer:
         if reply is None:
             config = self.state.config
             try:
-                parsed = api.AllocateRequest.FromString(request)
-            except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between backends
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{config.name}: Allocate request does not parse")
+                parsed = wire.AllocateRequest.FromString(request)
+            except wire.DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{config.name}: Allocate request does not parse: {exc}")
             if not parsed.container_requests:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{config.name}: Allocate without container requests")
             devices = self.state.advertised().devices
             cdi = self.state.cdi
-            response = api.AllocateResponse()
+            response = wire.AllocateResponse()
             granted: List[str] = []
             for creq in parsed.container_requests:
                 try:
-                    alloc = allocation.allocate(config, devices, list(creq.devices_ids), cdi)
+                    alloc = allocation.allocate(config, devices, creq.devices_ids, cdi)
                 except allocation.AllocationError as exc:
                     log.warning("Allocate refused: %s", exc)
                     await context.abort(_CODES[exc.kind], str(exc))
-                out = response.container_responses.add()
-                for node in alloc.devices:
-                    out.devices.add(container_path=node.container_path, host_path=node.host_path,
-                                    permissions=node.permissions)
-                for m in alloc.mounts:
-                    out.mounts.add(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
-                out.envs.update(dict(alloc.envs))
-                out.annotations.update(dict(alloc.annotations))
-                for name in alloc.cdi_devices:
-                    out.cdi_devices.add(name=name)
+                response.container_responses.append(wire.ContainerAllocateResponse(
+                    devices=[wire.DeviceSpec(container_path=node.container_path, host_path=node.host_path,
+                                             permissions=node.permissions) for node in alloc.devices],
+                    mounts=[wire.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+                            for m in alloc.mounts],
+                    envs=alloc.envs, annotations=alloc.annotations,
+                    cdi_devices=[wire.CDIDevice(name=name) for name in alloc.cdi_devices]))
                 # The devices, not their replicas: removal events say when a device was last given out.
                 granted.extend(dict.fromkeys(devices[i].id for i in creq.devices_ids))
             reply = _Reply(response.SerializeToString(), tuple(granted))
@@ -332,7 +329,7 @@ class DevicePluginServicer:
             log.warning("%s", message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         if not config.prestart_command:
-            return api.PreStartContainerResponse()
+            return wire.PreStartContainerResponse()
         # The command gets the devices, each once; the replica IDs the kubelet named are in UDP_REPLICA_IDS.
         devices = list({d.id: d for d in (advertised[i] for i in requested)}.values())
         ids = [d.id for d in devices]
@@ -348,7 +345,7 @@ class DevicePluginServicer:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if result.timed_out else grpc.StatusCode.INTERNAL
             await context.abort(code, message)
         log.info("%s: prestart_command succeeded for %s", config.name, ", ".join(ids))
-        return api.PreStartContainerResponse()
+        return wire.PreStartContainerResponse()
 
 
 class StatusServicer:
@@ -360,7 +357,7 @@ class StatusServicer:
         self.version = version
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return api.service_handler(api.STATUS, {"GetStatus": api.method_handler(api.GET_STATUS, self.GetStatus)})
+        return wire.service_handler(wire.STATUS, {"GetStatus": wire.method_handler(wire.GET_STATUS, self.GetStatus)})
 
     async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         reg = self.registration()
@@ -373,9 +370,9 @@ class StatusServicer:
         def advertised(d: Device) -> Tuple[str, ...]:
             return ids_of.get(d.id, ())
 
-        return api.StatusResponse(
+        return wire.StatusResponse(
             resource_name=config.name, pid=os.getpid(), version=self.version,
-            devices=[api.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
+            devices=[wire.DeviceStatus(id=d.id, health=d.health, reason=d.reason, devnodes=d.devnodes,
                                       numa_nodes=d.numa_nodes, syspath=d.sys_path, advertised_ids=advertised(d),
                                       cdi_devices=[names[i] for i in advertised(d) if i in names])
                      for d in devices.values()],

@@ -29,6 +29,7 @@ from operator import is_not, itemgetter
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 from .model import Device, ResourceDiff
+from .wire import encode_varint as _varint
 
 # grpc-go's default receive limit, which the kubelet's device plugin client keeps, less room for
 # the frame and a margin.
@@ -41,16 +42,6 @@ def replica_ids(device_id: str, replicas: int) -> Tuple[str, ...]:
     if replicas <= 1:
         return (device_id,)
     return tuple(f"{device_id}{SEPARATOR}{k}" for k in range(replicas))
-
-
-def _varint(n: int) -> bytes:
-    n &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it: negative numbers take ten bytes
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _field(tag: int, data: bytes) -> bytes:

@@ -13,19 +13,32 @@ the .proto files beside it) and build the classes here, in a descriptor pool of 
 
 The services are served and called through grpc's generic handlers and multi-callables
 (``grpc.method_handlers_generic_handler``, ``channel.unary_unary``), which every grpcio
-release since 1.0 has, instead of the generated ``_pb2_grpc`` glue.
+release since 1.0 has, instead of the generated ``_pb2_grpc`` glue: the tables and glue of
+``wire``, the daemon's own codec, with these classes.  The daemon itself does not import this
+module (``wire`` says why); ``inspect``, the stand-in kubelet and the tests do, and the tests
+check ``wire`` against it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Dict, Optional
 
-import grpc
 from google.protobuf import message_factory
 
+from .. import wire
+from ..wire import (  # noqa: F401
+    DEVICE_PLUGIN,
+    PLUGIN_REGISTRATION,
+    PLUGIN_TYPE,
+    REGISTRATION,
+    STATUS,
+    Method,
+    method_handler,
+    service_handler,
+)
 from .descriptors import FILES
 
-API_VERSION = "v1beta1"
+API_VERSION = wire.API_VERSION
 
 def _build() -> Dict[str, Any]:
     """Every message class of FILES, by full name, in a descriptor pool of our own.
@@ -86,7 +99,6 @@ PluginInfo: Any = _message("pluginregistration.PluginInfo")
 RegistrationStatus: Any = _message("pluginregistration.RegistrationStatus")
 RegistrationStatusResponse: Any = _message("pluginregistration.RegistrationStatusResponse")
 InfoRequest: Any = _message("pluginregistration.InfoRequest")
-PLUGIN_TYPE = "DevicePlugin"
 
 # --- udevdeviceplugin.v1 (status.proto): what `inspect` asks our sockets -------------------
 StatusRequest: Any = _message("udevdeviceplugin.v1.StatusRequest")
@@ -94,75 +106,14 @@ StatusResponse: Any = _message("udevdeviceplugin.v1.StatusResponse")
 DeviceStatus: Any = _message("udevdeviceplugin.v1.DeviceStatus")
 
 
-class Method(NamedTuple):
-    """One RPC: its service, name, message classes and whether it streams its responses."""
-
-    service: str
-    name: str
-    request: Any
-    response: Any
-    streaming: bool = False
-
-    @property
-    def path(self) -> str:
-        return f"/{self.service}/{self.name}"
+# The services, with these classes: the same tables and grpc glue as the daemon's codec.
+METHODS = wire.methods(_message)
+(REGISTER, GET_DEVICE_PLUGIN_OPTIONS, LIST_AND_WATCH, GET_PREFERRED_ALLOCATION, ALLOCATE, PRE_START_CONTAINER,
+ GET_STATUS, GET_INFO, NOTIFY_REGISTRATION_STATUS) = METHODS
 
 
-REGISTRATION = "v1beta1.Registration"
-DEVICE_PLUGIN = "v1beta1.DevicePlugin"
-STATUS = "udevdeviceplugin.v1.Status"
-PLUGIN_REGISTRATION = "pluginregistration.Registration"
+class Stub(wire.Stub):
+    """A client of every method (or of ``methods``) on one channel, with protobuf's message classes."""
 
-REGISTER = Method(REGISTRATION, "Register", RegisterRequest, Empty)
-GET_DEVICE_PLUGIN_OPTIONS = Method(DEVICE_PLUGIN, "GetDevicePluginOptions", Empty, DevicePluginOptions)
-LIST_AND_WATCH = Method(DEVICE_PLUGIN, "ListAndWatch", Empty, ListAndWatchResponse, streaming=True)
-GET_PREFERRED_ALLOCATION = Method(DEVICE_PLUGIN, "GetPreferredAllocation", PreferredAllocationRequest,
-                                  PreferredAllocationResponse)
-ALLOCATE = Method(DEVICE_PLUGIN, "Allocate", AllocateRequest, AllocateResponse)
-PRE_START_CONTAINER = Method(DEVICE_PLUGIN, "PreStartContainer", PreStartContainerRequest,
-                             PreStartContainerResponse)
-GET_STATUS = Method(STATUS, "GetStatus", StatusRequest, StatusResponse)
-GET_INFO = Method(PLUGIN_REGISTRATION, "GetInfo", InfoRequest, PluginInfo)
-NOTIFY_REGISTRATION_STATUS = Method(PLUGIN_REGISTRATION, "NotifyRegistrationStatus", RegistrationStatus,
-                                    RegistrationStatusResponse)
-
-METHODS = (REGISTER, GET_DEVICE_PLUGIN_OPTIONS, LIST_AND_WATCH, GET_PREFERRED_ALLOCATION, ALLOCATE,
-           PRE_START_CONTAINER, GET_STATUS, GET_INFO, NOTIFY_REGISTRATION_STATUS)
-
-
-def method_handler(method: Method, behaviour: Callable[..., Any], raw_request: bool = False,
-                   raw_response: bool = False) -> grpc.RpcMethodHandler:
-    """The grpc handler serving ``method`` with ``behaviour(request, context)``.
-
-    ``raw_request``/``raw_response``: the behaviour takes or returns serialized bytes (a cache
-    of serialized replies answers without parsing or building messages).  Works for the
-    threaded and the asyncio (grpc.aio) servers alike: a coroutine function or an async
-    generator is served by grpc.aio.
-    """
-    deserializer = None if raw_request else method.request.FromString
-    serializer = None if raw_response else method.response.SerializeToString
-    if method.streaming:
-        return grpc.unary_stream_rpc_method_handler(behaviour, request_deserializer=deserializer,
-                                                    response_serializer=serializer)
-    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=deserializer,
-                                               response_serializer=serializer)
-
-
-def service_handler(service: str, handlers: Dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(service, handlers)
-
-
-class Stub:
-    """A client of every method on one channel: ``Stub(channel).Allocate(request, timeout=...)``.
-
-    Works on a ``grpc.Channel`` and on a ``grpc.aio.Channel`` (whose calls are awaitable).
-    """
-
-    def __init__(self, channel: Any, methods: Optional[tuple] = None) -> None:
-        for method in methods or METHODS:
-            factory = channel.unary_stream if method.streaming else channel.unary_unary
-            setattr(self, method.name, factory(method.path, request_serializer=method.request.SerializeToString,
-                                               response_deserializer=method.response.FromString))
-
-    def __getattr__(self, name: str) -> Any:  # for mypy: the methods are set in __init__
-        raise AttributeError(name)
+    def __init__(self, channel: Any, methods: Optional[Any] = None) -> None:
+        super().__init__(channel, methods or METHODS)
