@@ -25,7 +25,6 @@ A device without device nodes gets no CDI device: CDI refuses a device with empt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -51,6 +50,8 @@ def device_name(advertised_id: str) -> str:
     distinct: ``SN+12`` becomes ``SN_12-<8 hex digits>``."""
     if _DEVICE_NAME.match(advertised_id):
         return advertised_id
+    import hashlib  # only with CDI on: hashlib loads OpenSSL's libcrypto (~0.5 MiB)
+
     digest = hashlib.sha256(advertised_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     safe = _NOT_IN_NAME.sub("_", advertised_id)
     if not safe[:1].isalnum():

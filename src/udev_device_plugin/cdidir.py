@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -232,6 +231,8 @@ class CdiSpecs:
         written.spec = spec
         for problem in spec.problems:
             log.warning("%s", problem)
+        import hashlib  # only with CDI on: hashlib loads OpenSSL's libcrypto (~0.5 MiB)
+
         digest = hashlib.sha256(spec.text).digest() if spec.text is not None else b""
         problem = ""
         if digest != written.digest or written.problem or written.first:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -75,6 +74,8 @@ def socket_name(resource: str, pid: int, seq: int, kubelet_dir: str) -> str:
     stem = resource.replace("/", "_")
     name = f"{SOCKET_PREFIX}{stem}-{pid}-{seq}.sock"
     if len(os.path.join(kubelet_dir, name)) > _MAX_SOCKET_PATH:
+        import hashlib  # here: hashlib loads OpenSSL's libcrypto (~0.5 MiB), and only long names need it
+
         digest = hashlib.sha1(resource.encode()).hexdigest()[:10]
         name = f"{SOCKET_PREFIX}{digest}-{pid}-{seq}.sock"
     return name
