@@ -928,6 +928,20 @@ def _read_file(name: str, errors: List[str], judge: bool, symlink_rule: bool, ma
         return None
 
 
+# Each selector's globs as one compiled pattern (fnmatchcase's, ORed): a scan of 10,000 devices asks
+# each of them several times.  Bounded: cleared when a series of reloads has filled it.
+_GLOB_PATTERNS: Dict[Tuple[str, ...], Callable[[str], object]] = {}
+_GLOB_PATTERNS_MAX = 4096
+
+
 def matches_globs(value: Optional[str], globs: Tuple[str, ...]) -> bool:
-    """True if ``value`` matches any glob (case-sensitive); a missing value matches none."""
-    return value is not None and any(fnmatch.fnmatchcase(value, g) for g in globs)
+    """True if ``value`` matches any glob (case-sensitive, as fnmatch.fnmatchcase); a missing value matches none."""
+    if value is None:
+        return False
+    match = _GLOB_PATTERNS.get(globs)
+    if match is None:
+        if len(_GLOB_PATTERNS) >= _GLOB_PATTERNS_MAX:
+            _GLOB_PATTERNS.clear()
+        pattern = "|".join(f"(?:{fnmatch.translate(g)})" for g in globs) or "(?!)"
+        match = _GLOB_PATTERNS[globs] = re.compile(pattern).match
+    return match(value) is not None

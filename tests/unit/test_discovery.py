@@ -164,3 +164,24 @@ def test_refresh_gives_way_to_a_scan_when_a_new_device_claims_an_id_in_use(tmp_p
     current = _synthetic(["d1", "d2"])
     clone = _fake_misc_device(tmp_path, "d2")  # another sys_path, the same ID as /sys/devices/virtual/misc/d2
     assert discovery.refresh(None, res, current, {clone: "add"}, exists=lambda p: True) is None
+
+
+def test_node_listing_answers_as_os_path_exists(tmp_path):
+    """A full scan's listing of node directories says what a stat per node would, links included."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "node").write_text("")
+    (tmp_path / "sub" / "deep").write_text("")
+    os.symlink("node", tmp_path / "link")
+    os.symlink("gone", tmp_path / "dangling")
+    os.symlink("sub", tmp_path / "dirlink")
+    os.mkfifo(tmp_path / "fifo")
+    names = ["node", "link", "dangling", "dirlink", "dirlink/deep", "sub", "sub/", "sub/deep", "sub/none",
+             "none", "none/x", ".", "..", "sub/..", "fifo", "node/x", ""]
+    paths = [f"{tmp_path}/{n}" for n in names] + ["/", "relative", "/nonexistent-dir/x"]
+    listing = discovery.NodeListing()
+    for path in paths:
+        assert listing(path) == os.path.exists(path), path
+    # Read once per directory: a node removed after its directory was listed still reads as there
+    # (one scan's view), and a new listing sees it gone.
+    os.unlink(tmp_path / "node")
+    assert listing(f"{tmp_path}/node") and not discovery.NodeListing()(f"{tmp_path}/node")

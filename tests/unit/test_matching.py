@@ -201,3 +201,23 @@ def test_a_long_value_is_quoted_truncated_in_reasons():
 ])
 def test_rule_health(lines, dev, expected):
     assert matching.rule_health(res(lines), dev) == expected
+
+
+def test_compiled_globs_match_as_fnmatchcase():
+    """matches_globs compiles each selector's globs into one pattern: the answers are fnmatchcase's."""
+    import fnmatch
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20000):
+        globs = tuple("".join(rng.choice("ab*?[]!-\\./0^$(|") for _ in range(rng.randrange(6)))
+                      for _ in range(rng.randrange(4)))
+        value = "".join(rng.choice("ab[]*?!-./0\\\n^$(|") for _ in range(rng.randrange(6)))
+        assert config.matches_globs(value, globs) == any(fnmatch.fnmatchcase(value, g) for g in globs), (value, globs)
+    assert not config.matches_globs(None, ("*",))
+
+
+def test_compiled_globs_are_bounded():
+    for i in range(config._GLOB_PATTERNS_MAX + 10):
+        assert config.matches_globs(f"x{i}", (f"x{i}",))
+    assert len(config._GLOB_PATTERNS) <= config._GLOB_PATTERNS_MAX

@@ -118,7 +118,20 @@ def test_natural_order(unsorted, expected):
 ])
 def test_natural_key_parts(text, expected):
     # IDs come back from the kubelet: only ASCII digits are numbers, and no text raises.
-    assert natural_key(text) == expected
+    assert natural_key(text) == tuple(item for part in expected for item in part)
+
+
+def test_natural_key_orders_as_its_runs_would():
+    """The flat key compares as the list of (kind, length, run) triples it flattens (its old form)."""
+    def runs(text):
+        return [(0, len(r.lstrip("0")), r.lstrip("0")) if r[0] in "0123456789" else (1, 0, r)
+                for r in re.findall(r"[0-9]+|[^0-9]+", text)]
+
+    rng = random.Random(7)
+    for _ in range(20000):
+        a, b = ("".join(rng.choice("a0123b\x00\u00b29 ") for _ in range(rng.randrange(7))) for _ in range(2))
+        assert (natural_key(a) < natural_key(b)) == (runs(a) < runs(b)), (a, b)
+        assert (natural_key(a) == natural_key(b)) == (runs(a) == runs(b)), (a, b)
 
 
 def test_natural_key_takes_digit_runs_longer_than_int_allows():
