@@ -15,7 +15,7 @@ from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Set, Tuple, 
 
 from . import discovery, events
 from .health import CommandHealth
-from .model import UNHEALTHY, Device, ResourceDiff, diff
+from .model import UNHEALTHY, Device, ResourceDiff, diff, diff_of
 from .servicer import ResourceState
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,14 @@ class Inventory:
         """Look again at only the devices an event touched (a full scan when only that can tell)."""
         res = self.states[name].config
         index = self.index.get(name)
-        result = discovery.refresh(context, res, self.raw.get(name, {}), changes,
+        before = self.raw.get(name, {})
+        result = discovery.refresh(context, res, before, changes,
                                    by_path=index.by_path if index is not None else None)
         if result is None:
             return self.scan(context, [name]).get(name)
+        # The IDs that may differ: those of the devices at the event's paths, before and now.
+        by_path = index.by_path if index is not None else {d.sys_path: d for d in before.values()}
+        touched = {d.id for p, now in result.at.items() for d in (by_path.get(p), now) if d is not None}
         self.raw[name] = result.devices
         if index is None:
             self.index[name] = _Index(result.devices)
@@ -137,7 +141,7 @@ class Inventory:
             index.update(result.at)
         self._note_problems(set(result.problems) - self.problems)
         self.problems |= set(result.problems)
-        return self.publish(name)
+        return self.publish(name, (before, touched))
 
     def _note_problems(self, new: Set[str]) -> None:
         for problem in sorted(new):
@@ -200,15 +204,26 @@ class Inventory:
                 out[dev_id] = dataclasses.replace(dev, health=UNHEALTHY, reason=reason)
         return out
 
-    def publish(self, name: str) -> Optional[ResourceDiff]:
-        """Publish the effective devices of ``name``; emit the events of what changed."""
+    def publish(self, name: str, touched: Optional[Tuple[Mapping[str, Device], AbstractSet[str]]] = None
+                ) -> Optional[ResourceDiff]:
+        """Publish the effective devices of ``name``; emit the events of what changed.
+
+        ``touched``: (the scan's devices before, the IDs a refresh looked at).  Where the published
+        devices were those very devices and still are the scan's (no health_command overrides a
+        device), only those IDs can differ: the diff costs them, not the resource's size.
+        """
         state = self.states.get(name)
         if state is None:
             return None
         old = state.current()[1]
         new = self.effective(name)
-        change = diff({name: old}, {name: new}).get(name)
-        if not state.publish(new, change) or change is None:
+        if touched is not None and old is touched[0] and new is self.raw.get(name):
+            found = diff_of(old, new, touched[1])
+            change: Optional[ResourceDiff] = found if found else None
+            known = True
+        else:
+            change, known = diff({name: old}, {name: new}).get(name), False
+        if not state.publish(new, change, known=known) or change is None:
             return None
         sick = self._sick.get(name, 0)
         sick += sum(1 for d in change.added if not d.healthy) - sum(1 for d in change.removed if not d.healthy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, NamedTuple, Tuple
+from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Tuple
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -87,6 +87,25 @@ def diff(old: Snapshot, new: Snapshot) -> Dict[str, ResourceDiff]:
         if d:
             out[name] = d
     return out
+
+
+def diff_of(before: Mapping[str, Device], after: Mapping[str, Device], ids: AbstractSet[str]) -> ResourceDiff:
+    """The diff of one resource from ``before`` to ``after`` where only ``ids`` may differ: every other ID
+    is the very same object in both (what a refresh keeps), so the cost is that of ``ids``, not of the
+    resource.  Parts in the natural order of their IDs (the snapshots' order, but for equal keys)."""
+    added: List[Device] = []
+    changed: List[Tuple[Device, Device]] = []
+    removed: List[Device] = []
+    for dev_id in sorted(ids, key=lambda i: (natural_key(i), i)):
+        was, now = before.get(dev_id), after.get(dev_id)
+        if was is None:
+            if now is not None:
+                added.append(now)
+        elif now is None:
+            removed.append(was)
+        elif was is not now and was != now:
+            changed.append((was, now))
+    return ResourceDiff(tuple(added), tuple(changed), tuple(removed))
 
 
 # How much of a request's text an error message or log line repeats: the kubelet and local

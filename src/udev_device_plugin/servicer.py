@@ -77,15 +77,21 @@ class ResourceState:
         if config.replicas != replicas:
             self._changed()  # the same devices, other IDs
 
-    def publish(self, devices: Mapping[str, Device], change: Optional[ResourceDiff] = None) -> bool:
+    def publish(self, devices: Mapping[str, Device], change: Optional[ResourceDiff] = None,
+                known: bool = False) -> bool:
         """Make ``devices`` current; wake the ListAndWatch streams when the list changed.
 
         ``change``: how ``devices`` differ from the current ones (the inventory's diff), which lets
-        the list be re-encoded for those devices only."""
+        the list be re-encoded for those devices only.  ``known``: that diff is exact (None: equal
+        devices), so no comparison of every device is needed to tell."""
         if not isinstance(devices, dict):
             devices = dict(devices)
+        if known:
+            if not change:
+                self._devices = devices  # equal devices in a new mapping: the same version
+                return False
         # Unchanged devices are the same objects (discovery keeps them): dict equality skips them.
-        if devices is self._devices or devices == self._devices:
+        elif devices is self._devices or devices == self._devices:
             return False
         # The encoder can apply the change only to the list it made last, of the version before.
         pending = change if self._advertised is not None else None

@@ -28,7 +28,7 @@ from itertools import compress, repeat
 from operator import is_not, itemgetter
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
-from .model import Device, ResourceDiff
+from .model import Device, ResourceDiff, natural_key
 from .wire import encode_varint as _varint
 
 # grpc-go's default receive limit, which the kubelet's device plugin client keeps, less room for
@@ -83,6 +83,44 @@ def _own_chunk(dev: Device) -> _Chunk:
     """The chunk of ``dev`` advertised as itself (one replica)."""
     ids = (dev.id,)
     return (dev, ids, encode_device(dev, ids))
+
+
+def _bisect(ids: List[str], key: Tuple[object, ...], right: bool) -> int:
+    """Where ``key`` goes in ``ids`` (natural order): before (left) or after (right) the equal keys."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        k = natural_key(ids[mid])
+        if k < key or (right and k == key):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _find(ids: List[str], device_id: str) -> int:
+    """The index of ``device_id`` in ``ids`` (the list in natural order): a binary search, then the run of
+    equal keys (which may be in any order).  ValueError when it is not there."""
+    key = natural_key(device_id)
+    i = _bisect(ids, key, right=False)
+    while i < len(ids) and ids[i] != device_id and natural_key(ids[i]) == key:
+        i += 1
+    if i < len(ids) and ids[i] == device_id:
+        return i
+    raise ValueError(device_id)
+
+
+def _places(ids: List[str], devices: Mapping[str, Device], added: Tuple[Device, ...]) -> List[Tuple[int, Device]]:
+    """Where each added device goes in ``ids``, in insertion order: after the equal keys, where discovery
+    places a new ID (``discovery._placed``).  Two added devices with one key (whose order among
+    themselves discovery decides) are placed by their order in ``devices``: a pass over it."""
+    keys = [natural_key(d.id) for d in added]
+    if len(set(keys)) == len(keys):
+        # Positions in the list before any insertion, in order; each one before shifts the rest by one.
+        found = sorted((_bisect(ids, k, right=True), k, n) for n, k in enumerate(keys))
+        return [(pos + shift, added[n]) for shift, (pos, _, n) in enumerate(found)]
+    order = list(devices)
+    return sorted(((order.index(d.id), d) for d in added), key=lambda pd: pd[0])
 
 
 class _OwnIds(Mapping[str, Tuple[str, ...]]):
@@ -142,18 +180,17 @@ class Encoder:
         ids, parts, chunks = self._ids, self._parts, self._chunks
         try:
             for dev in change.removed:
-                i = ids.index(dev.id)
+                i = _find(ids, dev.id)
                 self._size -= len(parts[i])
                 del ids[i], parts[i]
                 del chunks[dev.id]
             for _, dev in change.changed:
-                i = ids.index(dev.id)
+                i = _find(ids, dev.id)
                 chunk = chunks[dev.id] = _own_chunk(dev)
                 self._size += len(chunk[2]) - len(parts[i])
                 parts[i] = chunk[2]
             if change.added:
-                order = list(devices)
-                for pos, dev in sorted((order.index(d.id), d) for d in change.added):
+                for pos, dev in _places(ids, devices, change.added):
                     chunk = chunks[dev.id] = _own_chunk(dev)
                     ids.insert(pos, dev.id)
                     parts.insert(pos, chunk[2])

@@ -186,7 +186,7 @@ class RecordingKubelet(StandInKubelet):
             return self.refusal
         return super().register(request)
 
-    def _update(self, client: Any, devices: List[Any]) -> None:
+    def _update(self, client: Any, devices: List[Any], arrived: Optional[float] = None) -> None:
         # One critical section (the condition's lock is reentrant), so a waiter never sees the message
         # recorded here but not yet in the stand-in's own view.
         with self.cond:
@@ -194,7 +194,7 @@ class RecordingKubelet(StandInKubelet):
                 del self.lists[next(iter(self.lists))]  # the oldest endpoint's
             append_bounded(self.lists.setdefault(client.endpoint, []), {d.ID: d.health for d in devices},
                             RECEIVED_KEPT)
-            super()._update(client, devices)
+            super()._update(client, devices, arrived)
 
     # --- views for the tests ---------------------------------------------------------
 

@@ -198,12 +198,13 @@ class Push(NamedTuple):
     """One ListAndWatch message, as :class:`LeanKubelet` keeps it: what changed, not the whole list."""
 
     seq: int  # 1 for the resource's first message
-    monotonic: float  # time.monotonic() on receipt
+    monotonic: float  # time.monotonic() on receipt: when the message's last byte was read
     wall: float  # time.time() on receipt
     count: int  # devices in the list
     added: FrozenSet[str]  # IDs new since the previous message
     removed: FrozenSet[str]  # IDs gone since the previous message
     unhealthy: int  # devices not Healthy
+    parsed: float  # time.monotonic() when the stand-in had parsed it (its own cost: 10,000 objects)
 
 
 class LeanKubelet(StandInKubelet):
@@ -225,8 +226,12 @@ class LeanKubelet(StandInKubelet):
             del self.register_arrivals[:-PUSHES_KEPT]
         return super().register(request)
 
-    def _update(self, client: Any, devices: List[Any]) -> None:
-        now, wall = time.monotonic(), time.time()
+    def _update(self, client: Any, devices: List[Any], arrived: Optional[float] = None) -> None:
+        parsed = now = time.monotonic()
+        wall = time.time()
+        if arrived is not None:
+            wall -= now - arrived
+            now = arrived
         current = {d.ID: d.health for d in devices}
         with self.cond:
             before = self.lists.get(client.resource, {})
@@ -235,7 +240,7 @@ class LeanKubelet(StandInKubelet):
             seq = self.messages[client.resource] = self.messages.get(client.resource, 0) + 1
             push = Push(seq, now, wall, len(current), frozenset(current.keys() - before.keys()),
                         frozenset(before.keys() - current.keys()),
-                        sum(1 for h in current.values() if h != "Healthy"))
+                        sum(1 for h in current.values() if h != "Healthy"), parsed)
             self.pushes.setdefault(client.resource, deque(maxlen=PUSHES_KEPT)).append(push)
             self.cond.notify_all()
 

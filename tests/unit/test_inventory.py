@@ -84,3 +84,24 @@ def test_command_health_overrides_only_the_devices_it_names_and_counts_follow():
     assert inv.release_stuck(NAME, "d6") is not None
     assert inv.counts() == (100, 0) and inv.effective(NAME) is raw
     assert inv.command_health.failing() == []
+
+
+def test_a_refresh_diffs_only_its_devices_unless_an_override_is_published(monkeypatch):
+    """Without overrides the diff is of the refreshed IDs only (model.diff_of, never the full diff);
+    with a health_command override published, the published list is no scan's mapping and the
+    full diff runs, keeping the override; both give the events of what really changed."""
+    inv = setup([f"d{n}" for n in range(30)])
+    full_diffs = []
+    real_diff = inventory.diff
+    monkeypatch.setattr(inventory, "diff", lambda old, new: full_diffs.append(1) or real_diff(old, new))
+    change = inv.refresh(None, NAME, {"/sys/devices/virtual/misc/d3": "remove"})
+    assert [d.id for d in change.removed] == ["d3"] and not full_diffs
+    assert inv.refresh(None, NAME, {"/sys/devices/virtual/misc/nothing": "remove"}) is None and not full_diffs
+    assert inv.health_result(NAME, "d5", False, "exit 1", threshold=1) is not None
+    full_diffs.clear()
+    change = inv.refresh(None, NAME, {"/sys/devices/virtual/misc/d4": "remove"})
+    assert [d.id for d in change.removed] == ["d4"] and not change.changed and full_diffs
+    now = inv.states[NAME].current()[1]
+    assert now["d5"].health == UNHEALTHY and "d4" not in now and "d3" not in now
+    events = [(e.kind, e.device_id) for e in inv.sink.events]
+    assert events[-3:] == [("removed", "d3"), ("unhealthy", "d5"), ("removed", "d4")]

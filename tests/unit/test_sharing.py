@@ -155,3 +155,51 @@ def test_a_list_told_what_changed_is_the_list_encoded_from_scratch():
             assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
             assert dict(state.advertised().ids_of) == {i: (i,) for i in current}
     assert sum(updated) > 200 and all(updated)  # most steps went the short way, and it always held
+
+
+def test_a_list_updated_as_refresh_changes_it_with_equal_keys():
+    """The walk a refresh makes: the order of discovery._placed (new IDs after equal keys, which
+    "d01" and "d1" are), the diff of only the touched IDs (model.diff_of, which must have the full
+    diff's parts), published as known.  The bytes are the generic encoder's after every step."""
+    import random
+
+    from udev_device_plugin import config, discovery
+    from udev_device_plugin.model import diff, diff_of
+    from udev_device_plugin.servicer import ResourceState
+
+    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
+    state = ResourceState(res)
+    rng = random.Random(5)
+    current: Dict[str, Device] = {}
+    names = [f"d{n}" for n in range(40)] + [f"d0{n}" for n in range(10)] + [f"d00{n}" for n in range(5)]
+    short = 0
+    encoder_update = state._encoder._update
+
+    def spy(*args):
+        nonlocal short
+        got = encoder_update(*args)
+        short += got is not None
+        return got
+
+    state._encoder._update = spy
+    for step in range(600):
+        gone, new = set(), {}
+        for _ in range(rng.choice([1, 1, 1, 2, 4])):
+            i = rng.choice(names)
+            if i in current and rng.random() < 0.5:
+                gone.add(i)
+                new.pop(i, None)
+            else:
+                gone.discard(i)
+                new[i] = dev(i, numa=rng.choice([(), (0,), (1,)]), health=rng.choice([HEALTHY, UNHEALTHY]))
+        after = discovery._placed(current, gone, new)
+        change = diff_of(current, after, gone | set(new))
+        full = diff({"r": current}, {"r": after}).get("r") or type(change)()
+        for part in ("added", "changed", "removed"):  # the same parts (in order but for equal keys)
+            assert sorted(map(repr, getattr(change, part))) == sorted(map(repr, getattr(full, part))), f"step {step}"
+        state.publish(after, change if change else None, known=True)
+        assert state.current()[1] is after
+        current = after
+        if rng.random() < 0.8:
+            assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
+    assert short > 300
