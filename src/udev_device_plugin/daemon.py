@@ -161,7 +161,8 @@ class Daemon:
         self.cdi = CdiSpecs(self.cfg.plugin.cdi_spec_dir, self.loop.call_later)
         self.cdi.start(self.cfg.resources)
         self.connector = self._new_connector()
-        self.loop.add_reader(self.monitor.fileno(), self._handle_udev)
+        for fd in self.monitor.filenos():
+            self.loop.add_reader(fd, self._handle_udev)
         self.loop.add_reader(self.devnodes.fileno(), self._handle_devnodes)
         for res in self.cfg.resources:
             self._start_resource(res)
@@ -247,7 +248,7 @@ class Daemon:
             for sys_path in sorted(self.inventory.at_nodes(name, paths)):
                 changes.setdefault(name, {})[sys_path] = "change"
         self.metrics.hotplug_arrived(self.clock(), set(changes) | full)
-        # Not counted as a udev arrival: a node's deletion is followed at once by its remove event.
+        # Not a udev arrival: held for the remove (or add) event that usually follows (see Coalescer).
         self._apply_when(self.coalescer.add(self.clock(), changes, full, arrival=False))
 
     def _handle_udev(self) -> None:
@@ -283,6 +284,7 @@ class Daemon:
         if when is None:
             return
         if when <= self.clock():
+            self._at("hotplug", None, self._apply_udev)  # a node change's hold, cut short
             self._apply_udev()
         else:
             self._at("hotplug", when, self._apply_udev)
@@ -634,11 +636,10 @@ class Daemon:
             handle.cancel()
         self._timers.clear()
         if self.loop is not None:
-            for fd in (self.monitor.fileno() if self.monitor else None,
-                       self.devnodes.fileno() if self.devnodes else None):
-                if fd is not None:
-                    with contextlib.suppress(ValueError, OSError):
-                        self.loop.remove_reader(fd)
+            for fd in ((self.monitor.filenos() if self.monitor else [])
+                       + ([self.devnodes.fileno()] if self.devnodes else [])):
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_reader(fd)
         self.metrics.close()
         if self.connector is not None:
             await self.connector.close()  # the kubelet's calls in progress end (UNAVAILABLE)

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 # Enough for a burst of a few thousand events while the main loop rescans.
 RECEIVE_BUFFER = 32 * 1024 * 1024
+# The kernel's socket is read for removes only, and what it loses udevd's events make up for.
+KERNEL_BUFFER = 4 * 1024 * 1024
 ACTIONS = ("add", "remove", "change", "bind", "unbind", "move")
 
 
@@ -59,6 +61,25 @@ def parse_uevent(data: bytes, source: str) -> Optional[Dict[bytes, bytes]]:
     return dict(item.partition(b"=")[::2] for item in body.split(b"\0") if b"=" in item)
 
 
+def _netlink(group: int, buffer: int) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                         NETLINK_KOBJECT_UEVENT)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, buffer)
+        except OSError:  # CAP_NET_ADMIN is needed above rmem_max
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            except OSError as exc:
+                log.debug("cannot enlarge the uevent receive buffer: %s", exc)
+        sock.bind((0, group))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class HotplugMonitor:
     """udev's events from the netlink multicast group, read without libudev.
 
@@ -67,39 +88,58 @@ class HotplugMonitor:
     umockdev's preload library emulates this socket for its mock devices, as it does for libudev.
     """
 
-    def __init__(self, context: object = None, source: str = "udev") -> None:
+    def __init__(self, context: object = None, source: str = "udev", kernel_removes: bool = True) -> None:
         self.source = source
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
-                                  NETLINK_KOBJECT_UEVENT)
-        self.sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except OSError:  # CAP_NET_ADMIN is needed above rmem_max
+        self.sock = _netlink(GROUPS[source], RECEIVE_BUFFER)
+        # The kernel's own remove uevents too: a device that left is gone from the moment the kernel
+        # says so, and udevd's event for it follows 1-20 ms later (its rules run first).  Adds and
+        # every other action wait for udevd (its rules name and chmod the nodes).  Optional: without
+        # it the udev event still removes the device.
+        self.kernel: Optional[socket.socket] = None
+        if source == "udev" and kernel_removes:
             try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                self.kernel = _netlink(GROUPS["kernel"], KERNEL_BUFFER)
             except OSError as exc:
-                log.debug("cannot enlarge the udev receive buffer: %s", exc)
-        self.sock.bind((0, GROUPS[source]))
+                log.debug("no kernel uevent socket (removals wait for udevd): %s", exc)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def filenos(self) -> List[int]:
+        """Every socket to wait on: udev's, and the kernel's where it is open."""
+        return [self.sock.fileno()] + ([self.kernel.fileno()] if self.kernel is not None else [])
+
     def close(self) -> None:
         self.sock.close()
+        if self.kernel is not None:
+            self.kernel.close()
 
     def drain(self) -> List[UdevEvent]:
-        """Every event waiting now, without blocking; raise Overflow when some were lost.
+        """Every event waiting now, without blocking; raise Overflow when udev events were lost.
 
+        The kernel's removes come first (they happened before udevd's events for them; a remove
+        seen twice is looked at twice, the second time finding nothing).  Kernel messages lost to
+        a full buffer cost nothing but their head start: udevd's events follow.
         A device named with bytes that are not UTF-8 (root can make one: ip link add name
         $'x\\xff' ...) keeps its path, undecodable bytes as surrogates, so that refresh() finds it
         and skips it with a warning; an undecodable subsystem or action skips the event.
         """
         events: List[UdevEvent] = []
+        if self.kernel is not None:
+            lost = self._read(self.kernel, "kernel", events, ("remove",))
+            if lost:
+                log.debug("kernel uevents were lost (udevd's events follow)")
+        if self._read(self.sock, self.source, events, ACTIONS):
+            raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
+        return events
+
+    def _read(self, sock: socket.socket, source: str, events: List[UdevEvent], actions: Tuple[str, ...]) -> bool:
+        """Append the waiting events of ``actions`` from ``sock``; True when some were lost."""
         lost = False
         cmsg_space = socket.CMSG_SPACE(_CREDENTIALS.size)
         while True:
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(_MESSAGE_MAX, cmsg_space)
+                data, ancillary, _, _ = sock.recvmsg(_MESSAGE_MAX, cmsg_space)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -109,7 +149,9 @@ class HotplugMonitor:
                 raise
             if not self._from_root(ancillary):
                 continue
-            props = parse_uevent(data, self.source)
+            if source == "kernel" and not data.startswith(b"remove@"):
+                continue  # the common case, decided before any parsing: an add or change
+            props = parse_uevent(data, source)
             if props is None:
                 continue
             devpath = props.get(b"DEVPATH")
@@ -123,11 +165,9 @@ class HotplugMonitor:
             except UnicodeDecodeError as exc:
                 log.warning("udev event for %s skipped: its data is not text (%s)", shown_path(sys_path), exc)
                 continue
-            if action in ACTIONS:
+            if action in actions:
                 events.append(UdevEvent(action, subsystem, sys_path))
-        if lost:
-            raise Overflow(f"udev events were lost; {len(events)} read after the overflow")
-        return events
+        return lost
 
     @staticmethod
     def _from_root(ancillary: List[Tuple[int, int, bytes]]) -> bool:
@@ -144,15 +184,21 @@ class Coalescer:
     A change after a quiet spell (``quiet`` without a udev event) is applied at once.  Changes
     that follow others closely (a burst: 100 devices plugged at once) wait until ``holdoff``
     after the last application, so the kubelet gets a few full lists, not one growing list
-    per device.
+    per device.  A device node that went or came (inotify, no udev event) waits ``node_hold``
+    for the event that usually follows it: the kernel deletes an unplugged device's node some
+    milliseconds before it sends the remove, and reporting the device unhealthy in between
+    would cost the kubelet a full list, and the journal an UNHEALTHY event, per unplug.  The
+    event, when it comes, is applied as any other (at once after a quiet spell).
     """
 
-    def __init__(self, quiet: float = 0.005, holdoff: float = 0.02) -> None:
+    def __init__(self, quiet: float = 0.005, holdoff: float = 0.02, node_hold: float = 0.05) -> None:
         self.quiet = quiet
         self.holdoff = holdoff
+        self.node_hold = node_hold
         self.changes: Dict[str, Dict[str, str]] = {}
         self.full: Set[str] = set()
         self.due: Optional[float] = None
+        self._held = False  # ``due`` is a node change's hold, which a udev event may cut short
         self._applied = float("-inf")
         self._arrived = float("-inf")
 
@@ -160,9 +206,10 @@ class Coalescer:
             arrival: bool = True) -> Optional[float]:
         """Gather changes (resource -> sys_path -> action) and full rescans; return when to apply.
 
-        ``arrival``: a udev event (counts for quiet spells); a device node seen by inotify is not,
-        since its udev event follows at once.  Returns ``now`` to apply at once, a later time, or
-        None when nothing is pending or an application is scheduled already.
+        ``arrival``: a udev event (counts for quiet spells); a device node seen by inotify is not
+        (it waits ``node_hold``).  Returns ``now`` to apply at once, a later time (the caller's
+        timer, replacing any earlier one), or None when nothing is pending or an application is
+        scheduled already.
         """
         for name, paths in changes.items():
             seen = self.changes.setdefault(name, {})
@@ -172,20 +219,27 @@ class Coalescer:
                 else:
                     seen[path] = action
         self.full.update(full)
-        quiet = True
-        if arrival:
-            quiet = now - self._arrived >= self.quiet
-            self._arrived = now
-        if not (self.changes or self.full) or self.due is not None:
+        if not (self.changes or self.full):
+            return None
+        if not arrival:
+            if self.due is not None:
+                return None
+            self.due, self._held = now + self.node_hold, True
+            return self.due
+        quiet = now - self._arrived >= self.quiet
+        self._arrived = now
+        if self.due is not None and not self._held:
             return None
         if quiet or now - self._applied >= self.holdoff:
             return now
-        self.due = self._applied + self.holdoff
+        burst_due = self._applied + self.holdoff
+        self.due = burst_due if self.due is None else min(self.due, burst_due)
+        self._held = False
         return self.due
 
     def take(self, now: float) -> Tuple[Dict[str, Dict[str, str]], Set[str]]:
         changes, full = self.changes, self.full
-        self.changes, self.full, self.due = {}, set(), None
+        self.changes, self.full, self.due, self._held = {}, set(), None, False
         self._applied = now
         return changes, full
 

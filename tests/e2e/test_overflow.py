@@ -32,6 +32,9 @@ class OverflowingMonitor:
     def fileno(self) -> int:
         return self._r
 
+    def filenos(self) -> List[int]:
+        return [self._r]
+
     def lose_events(self) -> None:
         self.overflow = True
         os.write(self._w, b"x")

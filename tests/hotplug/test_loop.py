@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
 from typing import Callable, Dict, List
 
 from tests.conftest import wait_until
@@ -183,3 +184,26 @@ def test_journal_entries_for_add_unhealthy_recovered_remove(start_daemon, kubele
         assert entry["MESSAGE"].startswith(f"{RES}: device loop170 (/dev/loop170) "), entry
     assert [e["MESSAGE_ID"] for e in journal.read()] == [ids[k] for k in ("added", "unhealthy", "recovered",
                                                                          "removed")]
+
+
+def test_a_removal_reaches_the_kubelet_while_udevd_still_holds_its_event(start_daemon, kubelet, loops, say):
+    """The kernel's own remove uevent removes the device: udevd's event (which follows once its rules
+    ran, 1-20 ms later) is held here (udevadm control --stop-exec-queue) until the kubelet has the
+    shorter list.  Adds wait for udevd (its rules make the node usable); this add is seen as usual."""
+    start_loop_daemon(start_daemon, kubelet)
+    name = "loop151"
+    seq = kubelet.messages[RES]
+    loops.add(151)
+    wait_message(kubelet, seq, listing(name), f"{name} added")
+    realudev.settle()
+    subprocess.run(["udevadm", "control", "--stop-exec-queue"], check=True, timeout=10)
+    try:
+        seq = kubelet.messages[RES]
+        start = loops.remove(151)
+        msg = wait_message(kubelet, seq, without(name), f"{name} removed while udevd holds its event")
+        held = subprocess.run(["udevadm", "settle", "--timeout=0"], timeout=10).returncode
+        assert held != 0, "udevd's queue was empty: its remove event was not held"
+        say(f"LOOP_CTL_REMOVE -> the shorter list, udevd's event held: {(msg.monotonic - start) * 1e3:.1f} ms")
+    finally:
+        subprocess.run(["udevadm", "control", "--start-exec-queue"], check=True, timeout=10)
+        realudev.settle()
