@@ -323,6 +323,11 @@ def _globs(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ...]
         c.error(section, key, value, "empty; accepted: one or more space-separated globs")
     if any(w.startswith(("#", ";")) for w in words):
         c.error(section, key, value, "comments must be on their own line; accepted: space-separated globs")
+    for w in words:
+        try:  # what matching will compile (Python 3.9's fnmatch refuses a range like [z-a] only then)
+            re.compile(fnmatch.translate(w))
+        except re.error as exc:
+            c.error(section, key, value, f"{w!r} is no glob fnmatch can use ({exc}); accepted: shell-style globs")
     return words
 
 
