@@ -286,3 +286,21 @@ def test_message_objects() -> None:
     with pytest.raises(AttributeError, match="no field 'nope'"):
         request.nope  # noqa: B018
     assert wire.RegisterRequest(version="a") != wire.RegisterRequest(version="b")
+
+
+def test_long_runs_of_ids_parse_as_protobufs():
+    """The kubelet's GetPreferredAllocation lists every available ID: a run of one field, read by its own loop."""
+    ids = [f"loop{n}::{k}" for n in range(100) for k in range(100)]
+    ids[5000] = "x" * 300  # a length of two bytes within the run
+    request = _pb("v1beta1.ContainerPreferredAllocationRequest")(
+        available_deviceIDs=ids, must_include_deviceIDs=["a", "b"], allocation_size=3)
+    data = request.SerializeToString()
+    parsed = wire.ContainerPreferredAllocationRequest.FromString(data)
+    assert parsed.available_deviceIDs == ids and parsed.must_include_deviceIDs == ["a", "b"]
+    # Runs interrupted by another field, and a run cut short.
+    mixed = _str(1, b"a") + _str(2, b"m") + _str(1, b"b") + _str(1, b"c")
+    assert wire.ContainerPreferredAllocationRequest.FromString(mixed).available_deviceIDs == ["a", "b", "c"]
+    with pytest.raises(wire.DecodeError, match="runs past the end"):
+        wire.ContainerPreferredAllocationRequest.FromString(_str(1, b"a") + _key(1, 2) + b"\x05ab")
+    with pytest.raises(wire.DecodeError, match="truncated varint"):
+        wire.ContainerPreferredAllocationRequest.FromString(_str(1, b"a") + _key(1, 2))
