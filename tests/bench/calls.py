@@ -27,6 +27,7 @@ IDLE_SETTLE = 10.0
 IDLE_WINDOW = 5.0
 ROUNDS = 5
 PER_ROUND = 1000
+BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
 ONE = "example.com/mem"
 MEM = "subsystem = mem\nkernel = null zero full\n"
 ONE_CONFIG = f"[plugin]\nlog_level = warning\n\n[resource {ONE}]\n{MEM}"
@@ -87,27 +88,38 @@ def run(report: Report) -> None:
             reply = raw(ch1)(REQUEST, timeout=30)  # the bare servers answer with exactly our bytes
             for kind in BARE_KINDS:
                 bares[kind] = Bare(kind, os.path.join(tmp, f"bare{len(bares)}.sock"), reply)
+            # The reference for 40 resources: a bare grpc.aio process with 40 servers, calls spread over them.
+            bare_many = Bare("bare grpc.aio", ",".join(os.path.join(tmp, f"bare-many{i}.sock")
+                                                      for i in range(RESOURCES)), reply)
+            bares[BARE_MANY] = bare_many
             many_channels = [channel(k40.client(n).path) for n in MANY]
             channels.extend(many_channels)
             targets = []
             for kind, server in bares.items():
-                ch = channel(server.sock)
-                channels.append(ch)
-                targets.append(Target(kind, server.pid, [lambda c=raw(ch): c(REQUEST, timeout=30)]))
+                chs = [channel(sock) for sock in server.sock.split(",")]
+                channels.extend(chs)
+                targets.append(Target(kind, server.pid, [lambda c=raw(ch): c(REQUEST, timeout=30) for ch in chs]))
             targets.append(Target("daemon, 1 resource", one.pid, [lambda c=raw(ch1): c(REQUEST, timeout=30)]))
             spread = [lambda c=raw(ch): c(REQUEST, timeout=30) for ch in many_channels]
             targets.append(Target(f"daemon, {RESOURCES} resources", many.pid, spread))
             note(f"Allocate of one device, {ROUNDS} interleaved rounds of {PER_ROUND} sequential calls per server; "
                  f"{RESOURCES} resources: calls spread over their {RESOURCES} sockets")
             got = common.interleaved(targets, ROUNDS, PER_ROUND)
-            common.report_calls(report, "Allocate", got, list(BARE_KINDS))
+            common.report_calls(report, "Allocate", got, list(BARE_KINDS), {BARE_MANY})
+            many_name, b = f"daemon, {RESOURCES} resources", got[BARE_MANY]
+            report(f"Allocate: {many_name} / {BARE_MANY}, p99",
+                   common.percentile(got[many_name].latencies, 99) / common.percentile(b.latencies, 99), "x")
+            report(f"Allocate: {many_name} / {BARE_MANY}, CPU per call",
+                   got[many_name].cpu_per_call_us / b.cpu_per_call_us, "x")
 
             for kind, server in bares.items():
                 report(f"RSS idle: {kind} (after its calls)", rss_mib(server.pid), "MiB")
             report("RSS idle: daemon, 1 resource (after its calls)", rss_mib(one.pid), "MiB")
             report(f"RSS idle: daemon, {RESOURCES} resources", rss_mib(many.pid), "MiB")
-            for kind, server in bares.items():
-                report(f"RSS idle: daemon, 1 resource / {kind}", rss_mib(one.pid) / rss_mib(server.pid), "x")
+            for kind in BARE_KINDS:
+                report(f"RSS idle: daemon, 1 resource / {kind}", rss_mib(one.pid) / rss_mib(bares[kind].pid), "x")
+            report(f"RSS idle: daemon, {RESOURCES} resources / {BARE_MANY}",
+                   rss_mib(many.pid) / rss_mib(bare_many.pid), "x")
 
             idle(report, k1, k40, one, many, bares)
             rogue = streams(report, tmp, k40, many, bares, targets, got)
@@ -168,7 +180,7 @@ def streams(report: Report, tmp: str, k40: LeanKubelet, many: Serve, bares: Dict
            on_one + 1, "streams")
     rss = rss_mib(many.pid)
     got = common.interleaved(targets, ROUNDS, PER_ROUND)
-    common.report_calls(report, f"Allocate, {held} rogue streams held", got, list(BARE_KINDS))
+    common.report_calls(report, f"Allocate, {held} rogue streams held", got, list(BARE_KINDS), {BARE_MANY})
     name = f"daemon, {RESOURCES} resources"
     report(f"Allocate p99, {name}: with {held} rogue streams / without (earlier rounds)",
            common.percentile(got[name].latencies, 99) / common.percentile(before[name].latencies, 99), "x")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported
 
@@ -49,7 +49,8 @@ server.start()
 print("ready", flush=True)
 server.wait_for_termination()
 """
-# The same on grpc.aio, the daemon's serving model: one event loop, no worker threads.
+# The same on grpc.aio, the daemon's serving model: one event loop, no worker threads.  argv[1] may name
+# several sockets (comma-separated): one server on each, as the daemon has one per resource.
 BARE_AIO = r"""
 import asyncio, sys
 import grpc
@@ -57,14 +58,17 @@ reply = bytes.fromhex(sys.argv[2])
 async def allocate(request, context):
     return reply
 async def main():
-    handler = grpc.method_handlers_generic_handler("v1beta1.DevicePlugin", {
-        "Allocate": grpc.unary_unary_rpc_method_handler(allocate)})
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port("unix:" + sys.argv[1])
-    await server.start()
+    servers = []
+    for sock in sys.argv[1].split(","):
+        handler = grpc.method_handlers_generic_handler("v1beta1.DevicePlugin", {
+            "Allocate": grpc.unary_unary_rpc_method_handler(allocate)})
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port("unix:" + sock)
+        await server.start()
+        servers.append(server)
     print("ready", flush=True)
-    await server.wait_for_termination()
+    await servers[0].wait_for_termination()
 asyncio.run(main())
 """
 BARE_KINDS = {"bare grpc.server (16 threads)": BARE_SYNC, "bare grpc.aio": BARE_AIO}
@@ -191,7 +195,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> Optional[int]
 
 
 class Bare:
-    """One bare grpcio server process; ``started``: seconds from Popen to its "ready" line."""
+    """One bare grpcio server process; ``started``: seconds from Popen to its "ready" line.  ``sock``: its
+    socket, or (grpc.aio only) several, comma-separated, each with a server of its own."""
 
     def __init__(self, kind: str, sock: str, reply: bytes) -> None:
         self.kind = kind
@@ -305,14 +310,16 @@ def interleaved(targets: Sequence[Target], rounds: int = 5, per_round: int = 100
     return {name: Figures(lat[name], cpu[name], done[name]) for name in lat}
 
 
-def report_calls(report: Report, what: str, got: Dict[str, Figures], floor: Sequence[str]) -> None:
-    """p50, p99 and server CPU per call of every target, and each non-floor target's ratio to each floor."""
+def report_calls(report: Report, what: str, got: Dict[str, Figures], floor: Sequence[str],
+                 references: AbstractSet[str] = frozenset()) -> None:
+    """p50, p99 and server CPU per call of every target, and each non-floor target's ratio to each floor
+    (``references``: bare servers of other shapes, reported but not compared with every target)."""
     for name, f in got.items():
         report(f"{what}: {name} p50", statistics.median(f.latencies), "ms")
         report(f"{what}: {name} p99", percentile(f.latencies, 99), "ms")
         report(f"{what}: {name} server CPU per call", f.cpu_per_call_us, "us")
     for name, f in got.items():
-        if name in floor:
+        if name in floor or name in references:
             continue
         for bare in floor:
             b = got[bare]
