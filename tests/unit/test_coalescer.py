@@ -75,3 +75,4 @@ def test_full_rescans_are_gathered_too():
     assert c.add(1.0, {}, full=["r"]) == 1.0
     assert c.take(1.0) == ({}, {"r"})
     assert c.add(2.0, {}) is None
+
