@@ -120,6 +120,7 @@ class Registration:
     via: str = ""  # the way the current registration goes: KUBELET_SOCKET_PATH or PLUGIN_WATCHER
     fallback: bool = False  # registration = both: the plugin watcher did not take our socket
     info_seen: bool = False  # the plugin watcher asked GetInfo of the socket offered now
+    failed: str = ""  # why the last attempt failed, until one succeeds (a repeat is logged quieter)
 
     @property
     def registered(self) -> bool:
@@ -540,6 +541,7 @@ def _answered(reg: Registration, event: Answered, env: Env) -> None:
 
 def _connected(reg: Registration, env: Env, stream: int) -> None:
     reg.stream, reg.early_stream = stream, None
+    reg.failed = ""
     reg.stream_since = env.now
     _enter(reg, env, State.REGISTERED)
     how = " through its plugin watcher" if reg.via == PLUGIN_WATCHER else ""
@@ -617,4 +619,10 @@ def _backoff(reg: Registration, env: Env, why: str, level: int, then: str = "ret
     delay = reg.backoff
     reg.backoff = min(reg.backoff * 2, env.backoff_max)
     _enter(reg, env, State.BACKOFF, why, env.now + delay)
+    # The same failure again at once (a kubelet that takes a while to stop refuses each retry alike) is
+    # one problem, said once at its level; the retries are INFO until the reason changes, an attempt
+    # succeeds, or the backoff has grown to its maximum (then each is said: minutes apart).
+    if why == reg.failed and level == logging.WARNING and delay < env.backoff_max:
+        level = logging.INFO
+    reg.failed = why
     _log(env, level, f"{reg.resource}: {why}; {then} in {delay:.2f} s")

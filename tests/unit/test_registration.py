@@ -139,6 +139,36 @@ def test_register_failures_back_off_doubling_up_to_the_maximum():
         attempt = actions[-1].attempt  # type: ignore[union-attr]
     assert delays[:4] == [0.02, 0.04, 0.08, 0.16]
     assert max(delays) == 10.0 and delays[-1] == 10.0
+    # One problem, said once as a WARNING; its quick retries are INFO; at the maximum backoff each is said.
+    levels = [(entry.level, round(float(entry.message.rsplit(" in ", 1)[1].split()[0]), 2)) for entry in w.log
+              if "Register failed" in entry.message]
+    assert levels[0] == (logging.WARNING, 0.02)
+    assert all(level == logging.INFO for level, delay in levels[1:] if delay < 10.0)
+    assert [level for level, delay in levels if delay == 10.0] == [logging.WARNING] * 3
+
+
+def test_a_register_failure_is_a_warning_again_when_its_reason_changes_or_after_a_registration():
+    w = World()
+    w.step(r.Start())
+
+    def fail(why: str) -> int:
+        w.step(r.Answered(w.reg.attempt, False, why))
+        level = w.log[-1].level
+        w.advance(w.reg.deadline - w.now)
+        return level
+
+    assert [fail("UNKNOWN: the kubelet is stopping") for _ in range(3)] == [logging.WARNING] + [logging.INFO] * 2
+    assert fail("UNAVAILABLE: nobody there") == logging.WARNING
+    w.step(r.Answered(w.reg.attempt, True))
+    w.step(r.StreamOpened(w.reg.endpoint, 5))
+    assert w.reg.registered
+    w.kubelet = K2
+    w.step(r.KubeletAppeared(K2))  # a restarted kubelet; its stream ends, registering again fails alike
+    w.step(r.StreamEnded(w.reg.endpoint, 5, by_us=False))
+    w.step(r.Drained(w.reg.endpoint))
+    while w.reg.state is not State.REGISTERING:
+        w.advance(0.5)
+    assert fail("UNAVAILABLE: nobody there") == logging.WARNING
 
 
 def test_an_answer_to_an_older_attempt_is_ignored():
