@@ -460,7 +460,9 @@ def test_cdi_specs_under_the_sandbox(node: Node) -> None:
     data = json.loads(node.ct.read_file(spec))
     assert [d["name"] for d in data["devices"]] == ["null::0", "null::1", "zero::0", "zero::1"]
     assert oct(os.stat(node.ct.host_path(spec)).st_mode & 0o777) == "0o644"
-    assert sorted(node.devices()) == ["null::0", "null::1", "zero::0", "zero::1"]
+    # The spec is written when the devices are published; the stand-in has them once it read their list.
+    wait_for(lambda: sorted(node.devices()) == ["null::0", "null::1", "zero::0", "zero::1"], 10,
+             "the four replica IDs at the stand-in kubelet")
     say(f"CDI: {spec} written under ProtectSystem=strict, mode 0644, {len(data['devices'])} CDI devices")
 
     # /etc/cdi is read-only in the sandbox: systemctl reload refuses it (check-config, naming the key).
