@@ -24,9 +24,10 @@ so :func:`advertise` leaves out whole devices, last in the list first, until it 
 
 from __future__ import annotations
 
-from itertools import compress, repeat
-from operator import is_not, itemgetter
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from array import array
+from itertools import accumulate, compress, islice, repeat
+from operator import is_not, not_
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from .model import Device, ResourceDiff, natural_key
 from .wire import encode_varint as _varint
@@ -74,15 +75,28 @@ class Advertised(NamedTuple):
     left_out: Tuple[str, ...]  # devices not advertised: the list would pass LIST_LIMIT
 
 
-# The device as encoded, its advertised IDs, and their bytes.
-_Chunk = Tuple[Device, Tuple[str, ...], bytes]
-_NO_CHUNK: _Chunk = (None, (), b"")  # type: ignore[assignment]
+def _own_entry(dev: Device) -> bytes:
+    """The entry of ``dev`` advertised as itself (one replica)."""
+    return encode_device(dev, (dev.id,))
 
 
-def _own_chunk(dev: Device) -> _Chunk:
-    """The chunk of ``dev`` advertised as itself (one replica)."""
-    ids = (dev.id,)
-    return (dev, ids, encode_device(dev, ids))
+def _same_entry(old: Optional[Device], new: Device) -> bool:
+    """Whether ``old``'s entries (of the same ID) are ``new``'s: the bytes hold only its ID, health and NUMA nodes."""
+    return old is new or (old is not None and old.health == new.health and old.numa_nodes == new.numa_nodes)
+
+
+# Told of more changes than this at once, the encoder builds the list again from the devices (one
+# pass of C-level lookups) rather than copy the whole message once for each.
+_MAX_EDITS = 32
+
+
+def _spliced(payload: bytes, start: int, length: int, part: bytes) -> bytes:
+    """``payload`` with the ``length`` bytes at ``start`` replaced by ``part``: one copy."""
+    view = memoryview(payload)
+    try:
+        return b"".join((view[:start], part, view[start + length:]))
+    finally:
+        view.release()
 
 
 def _bisect(ids: List[str], key: Tuple[object, ...], right: bool) -> int:
@@ -147,77 +161,87 @@ class _OwnIds(Mapping[str, Tuple[str, ...]]):
 
 
 class Encoder:
-    """Keeps each device's encoded entries while the device (the very object: discovery keeps
-    unchanged devices as they are) and ``replicas`` stay the same.
+    """Keeps each device's encoded entries while the device's ID, health and NUMA nodes and ``replicas``
+    stay the same.
 
     A list that differs in one device of 10,000 costs a pass of C-level lookups and one join,
     not 10,000 comparisons: the ListAndWatch message after a hotplug event is built in ~1 ms.
+    The entries are kept where they are, in the last message: what the encoder holds per device is
+    one ID in a list and the entry's size (12 bytes; separate bytes objects took ~200 at 10,000
+    devices), besides the device table and the message, which the resource holds anyway.
     """
 
     def __init__(self) -> None:
-        self._chunks: Dict[str, _Chunk] = {}
         self._replicas = 0
-        # The last list as advertised: its device IDs and their bytes, in order, and their size
-        # (what :meth:`advertise` updates in place when it is told what changed).
+        # The last list as advertised: the table it was made of, its device IDs in order, the size of
+        # each one's entries, and the message (what :meth:`advertise` updates when told what changed).
+        self._devices: Mapping[str, Device] = {}
         self._ids: List[str] = []
-        self._parts: List[bytes] = []
-        self._size = 0
+        self._sizes = array("I")
+        self._payload = b""
+        self._ids_of: Mapping[str, Tuple[str, ...]] = {}  # with replicas > 1: each device's advertised IDs
         self._complete = False  # the last list left out no device
 
     def advertise(self, devices: Mapping[str, Device], replicas: int, limit: int = LIST_LIMIT,
                   change: Optional[ResourceDiff] = None) -> Advertised:
         """The list of ``devices``.  ``change``: what differs from the last list this encoder made
         (the inventory's diff), so that only those devices are looked at: at 10,000 devices a
-        hotplug event then costs a few list operations and one join (~1 ms here) instead of a
-        pass over every device (~5 ms).  Without it, or where it cannot apply, every device."""
-        if change is not None and replicas == self._replicas == 1 and self._complete:
+        hotplug event then costs a few list operations and one copy of the message (~1 ms here)
+        instead of a pass over every device (~5 ms).  Without it, where it cannot apply, or where
+        it names more than a few devices, every device."""
+        if change is not None and replicas == self._replicas == 1 and self._complete and \
+                len(change.removed) + len(change.changed) + len(change.added) <= _MAX_EDITS:
             got = self._update(devices, change, limit)
             if got is not None:
                 return got
         return self._advertise(devices, replicas, limit)
 
     def _update(self, devices: Mapping[str, Device], change: ResourceDiff, limit: int) -> Optional[Advertised]:
-        ids, parts, chunks = self._ids, self._parts, self._chunks
+        ids, sizes, payload = self._ids, self._sizes, self._payload
         try:
             for dev in change.removed:
                 i = _find(ids, dev.id)
-                self._size -= len(parts[i])
-                del ids[i], parts[i]
-                del chunks[dev.id]
+                payload = _spliced(payload, sum(islice(sizes, i)), sizes[i], b"")
+                del ids[i], sizes[i]
             for _, dev in change.changed:
                 i = _find(ids, dev.id)
-                chunk = chunks[dev.id] = _own_chunk(dev)
-                self._size += len(chunk[2]) - len(parts[i])
-                parts[i] = chunk[2]
+                part = _own_entry(dev)
+                payload = _spliced(payload, sum(islice(sizes, i)), sizes[i], part)
+                sizes[i] = len(part)
             if change.added:
                 for pos, dev in _places(ids, devices, change.added):
-                    chunk = chunks[dev.id] = _own_chunk(dev)
+                    part = _own_entry(dev)
+                    payload = _spliced(payload, sum(islice(sizes, pos)), 0, part)
                     ids.insert(pos, dev.id)
-                    parts.insert(pos, chunk[2])
-                    self._size += len(chunk[2])
-        except (ValueError, KeyError):  # not the list it was told about: build it from the devices
+                    sizes.insert(pos, len(part))
+        except ValueError:  # not the list it was told about: build it from the devices
             self._replicas = 0
             return None
-        if len(ids) != len(devices) or self._size > limit:
+        if len(ids) != len(devices) or len(payload) > limit:
             self._replicas = 0
             return None
-        return Advertised(devices, {}, _OwnIds(devices), 1, b"".join(parts), ())
+        self._devices, self._payload = devices, payload
+        return Advertised(devices, {}, _OwnIds(devices), 1, payload, ())
 
     def _advertise(self, devices: Mapping[str, Device], replicas: int, limit: int) -> Advertised:
         if replicas != self._replicas:
-            self._chunks, self._replicas = {}, replicas
-        old = self._chunks
+            self._devices, self._ids, self._sizes, self._payload, self._ids_of = {}, [], array("I"), b"", {}
+            self._replicas = replicas
+        # The entries kept, by ID: views into the last message, for this pass only.
+        last = memoryview(self._payload)
+        kept = dict(zip(self._ids, map(last.__getitem__, map(slice, accumulate(self._sizes, initial=0),
+                                                               accumulate(self._sizes)))))
         values = list(devices.values())
-        chunks = list(map(old.get, devices, repeat(_NO_CHUNK)))
-        for i in compress(range(len(values)), map(is_not, map(itemgetter(0), chunks), values)):
-            dev, was = values[i], chunks[i]
-            if was[0] is not None and was[0] == dev:
-                chunks[i] = (dev, was[1], was[2])  # an equal device (a rescan): its bytes stay
-                continue
-            # Same ID, other health or NUMA: the IDs stay (they are the device's ID and replicas).
-            ids = was[1] if was[0] is not None and was[0].id == dev.id else replica_ids(dev.id, replicas)
-            chunks[i] = (dev, ids, encode_device(dev, ids))
-        parts = list(map(itemgetter(2), chunks))
+        was = list(map(self._devices.get, devices))
+        parts: List[Union[bytes, memoryview]] = list(map(kept.get, devices, repeat(b"")))  # b"": none kept
+        del kept
+        ids_of = self._ids_of
+        for i in compress(range(len(values)), map(is_not, was, values)):
+            if parts[i] and not _same_entry(was[i], values[i]):
+                parts[i] = b""
+        for i in compress(range(len(values)), map(not_, parts)):  # an entry is never empty
+            dev = values[i]
+            parts[i] = encode_device(dev, ids_of.get(dev.id) or replica_ids(dev.id, replicas))
         left_out: List[str] = []
         if sum(map(len, parts)) > limit:
             size, cut = 0, len(parts)
@@ -227,20 +251,23 @@ class Encoder:
                     break
                 size += len(part)
             left_out = list(devices)[cut:]  # and every device after the first too many: the list keeps its order
-            del chunks[cut:], parts[cut:], values[cut:]
-        self._chunks = dict(zip(devices, chunks))
-        self._ids, self._parts = list(self._chunks), parts
-        self._size, self._complete = sum(map(len, parts)), not left_out
+            del parts[cut:], values[cut:]
         payload = b"".join(parts)
+        self._devices, self._payload, self._complete = devices, payload, not left_out
+        self._ids = list(devices) if not left_out else list(devices)[:len(parts)]
+        self._sizes = array("I", map(len, parts))
+        del parts
+        last.release()
         if replicas <= 1:
             table: Mapping[str, Device] = devices if not left_out else dict(zip(devices, values))
             return Advertised(table, {}, _OwnIds(table), 1, payload, tuple(left_out))
         by_id: Dict[str, Device] = {}
         replica_of: Dict[str, int] = {}
-        ids_of: Dict[str, Tuple[str, ...]] = {}
+        new_ids_of: Dict[str, Tuple[str, ...]] = {}
         numbers = range(replicas)
-        for dev, ids, _ in chunks:
-            ids_of[dev.id] = ids
+        for dev in values:
+            ids = new_ids_of[dev.id] = ids_of.get(dev.id) or replica_ids(dev.id, replicas)
             by_id.update(dict.fromkeys(ids, dev))
             replica_of.update(zip(ids, numbers))
-        return Advertised(by_id, replica_of, ids_of, replicas, payload, tuple(left_out))
+        self._ids_of = new_ids_of
+        return Advertised(by_id, replica_of, new_ids_of, replicas, payload, tuple(left_out))

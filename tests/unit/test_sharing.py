@@ -3,6 +3,7 @@ stack), the tables Allocate looks replica IDs up in, and the 4 MiB limit."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Tuple
 
 import pytest
@@ -73,19 +74,41 @@ def test_one_replica_is_the_device_table_itself():
     assert got.devices is devices and got.replica_of == {} and got.ids_of == {"null": ("null",), "zero": ("zero",)}
 
 
-def test_a_device_is_encoded_again_only_when_it_changed():
+def test_a_device_is_encoded_again_only_when_it_changed(monkeypatch):
+    encoded = []
+    encode = sharing.encode_device
+    monkeypatch.setattr(sharing, "encode_device", lambda d, ids: encoded.append((d.id, len(ids))) or encode(d, ids))
     encoder = sharing.Encoder()
     devices = table(dev("a"), dev("b"))
     first = encoder.advertise(devices, 2)
-    kept = dict(encoder._chunks)
+    assert encoded == [("a", 2), ("b", 2)]
     sick = table(dev("a"), dev("b", health=UNHEALTHY))
+    del encoded[:]
     second = encoder.advertise(sick, 2)
     # a's bytes are kept (an equal device, even another object), b's are new.
-    assert encoder._chunks["a"][2] is kept["a"][2] and encoder._chunks["b"][2] is not kept["b"][2]
+    assert encoded == [("b", 2)]
     assert second.payload == protobuf_list(sick, 2) != first.payload
+    # Only the ID, health and NUMA nodes are in the bytes: another sys_path keeps them.
+    moved = table(dataclasses.replace(dev("a"), sys_path="/sys/devices/elsewhere/a"), dev("b", health=UNHEALTHY))
+    del encoded[:]
+    assert encoder.advertise(moved, 2).payload == protobuf_list(moved, 2)
+    assert encoded == []
+    # Other NUMA nodes: new bytes.
+    near = table(dev("a", numa=(1,)), dev("b", health=UNHEALTHY))
+    assert encoder.advertise(near, 2).payload == protobuf_list(near, 2)
+    assert encoded == [("a", 2)]
+    # A device added, one removed, in the middle of the list: only the new one is encoded.
+    del encoded[:]
+    grown = table(dev("a", numa=(1,)), dev("a2"), dev("b", health=UNHEALTHY))
+    assert encoder.advertise(grown, 2).payload == protobuf_list(grown, 2)
+    assert encoded == [("a2", 2)]
+    shrunk = table(dev("a2"), dev("b", health=UNHEALTHY))
+    del encoded[:]
+    assert encoder.advertise(shrunk, 2).payload == protobuf_list(shrunk, 2)
+    assert encoded == []
     # Other replicas: every device again.
-    assert encoder.advertise(sick, 3).payload == protobuf_list(sick, 3)
-    assert encoder._chunks["a"] is not kept["a"]
+    assert encoder.advertise(shrunk, 3).payload == protobuf_list(shrunk, 3)
+    assert encoded == [("a2", 3), ("b", 3)]
 
 
 def test_a_list_past_the_kubelets_limit_leaves_out_the_last_devices():
@@ -203,3 +226,40 @@ def test_a_list_updated_as_refresh_changes_it_with_equal_keys():
         if rng.random() < 0.8:
             assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
     assert short > 300
+
+
+def test_a_change_of_many_devices_builds_the_list_again():
+    """Told of more than _MAX_EDITS changes, the encoder does not copy the message once per change: it
+    builds the list from the devices (keeping the others' bytes), and the next small change goes the
+    short way again.  The bytes are the generic encoder's at each step."""
+    from udev_device_plugin import config, discovery
+    from udev_device_plugin.model import diff
+    from udev_device_plugin.servicer import ResourceState
+
+    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
+    state = ResourceState(res)
+    calls = []
+    encoder_update = state._encoder._update
+
+    def spy(*args):
+        got = encoder_update(*args)
+        calls.append(got is not None)
+        return got
+
+    state._encoder._update = spy
+    current: Dict[str, Device] = {}
+    steps = [
+        {f"d{n}": dev(f"d{n}") for n in range(0, 200, 2)},  # the first list: no diff to follow
+        {f"d{n}": dev(f"d{n}") for n in range(0, 200, 2)} | {"d7": dev("d7")},  # one added: short way
+        {f"d{n}": dev(f"d{n}") for n in range(0, 200)},  # 99 added in between: built again
+        {f"d{n}": dev(f"d{n}", health=UNHEALTHY if n % 50 == 0 else HEALTHY) for n in range(1, 200)},  # 1 + 4
+        {f"d{n}": dev(f"d{n}") for n in range(1, 200) if n % 3},  # 66 gone, 3 healthy again: built again
+    ]
+    expected_calls = [[], [True], [True], [True, True], [True, True]]
+    for step, new in enumerate(steps):
+        new = discovery._ordered(new)
+        change = diff({"r": current}, {"r": new}).get("r")
+        state.publish(new, change)
+        current = new
+        assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
+        assert calls == expected_calls[step], f"step {step}"
