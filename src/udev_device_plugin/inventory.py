@@ -107,7 +107,7 @@ class Inventory:
     def scan(self, context: Any, names: List[str]) -> Dict[str, ResourceDiff]:
         """Rescan ``names`` in full; publish; return what changed per resource."""
         resources = [self.states[n].config for n in names if n in self.states]
-        result = discovery.scan(context, resources)
+        result = discovery.scan(context, resources, previous=self.raw)
         scanned = {r.name for r in resources}
         problems = {p for p in self.problems if p.split(":", 1)[0] not in scanned}
         problems |= set(result.problems)
@@ -115,8 +115,10 @@ class Inventory:
         self.problems = problems
         out = {}
         for res in resources:
-            self.raw[res.name] = result.snapshot[res.name]
-            self.index[res.name] = _Index(self.raw[res.name])
+            devices = result.snapshot[res.name]
+            if devices is not self.raw.get(res.name) or res.name not in self.index:
+                self.raw[res.name] = devices
+                self.index[res.name] = _Index(devices)
             change = self.publish(res.name)
             if change:
                 out[res.name] = change

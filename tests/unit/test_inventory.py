@@ -105,3 +105,67 @@ def test_a_refresh_diffs_only_its_devices_unless_an_override_is_published(monkey
     assert now["d5"].health == UNHEALTHY and "d4" not in now and "d3" not in now
     events = [(e.kind, e.device_id) for e in inv.sink.events]
     assert events[-3:] == [("removed", "d3"), ("unhealthy", "d5"), ("removed", "d4")]
+
+
+def test_a_rescan_keeps_the_devices_it_finds_again(tmp_path, monkeypatch):
+    """A full rescan that finds the devices as they were returns the very mapping it had (no sort, no
+    index to build again, nothing published); one that finds a change keeps every other device as the
+    object it was, in the order it had, and the index is what a rebuild gives."""
+    import random
+
+    from udev_device_plugin import sysfs
+
+    nodes = tmp_path / "dev"
+    nodes.mkdir()
+    paths = []
+
+    def plug(name):
+        path = tmp_path / "sys" / name
+        path.mkdir(parents=True)
+        (path / "uevent").write_text(f"MAJOR=10\nMINOR=1\nDEVNAME={nodes / name}\n")
+        (nodes / name).write_text("")
+        paths.append(str(path))
+
+    for n in range(30):
+        plug(f"d{n}")
+    rng = random.Random(3)
+    monkeypatch.setattr(discovery, "subsystem_devices", lambda context, subsystem: (
+        sysfs.SysDevice(p, subsystem) for p in rng.sample(paths, len(paths))))  # sysfs lists in no order
+    res = config.parse([("t.conf", f"[resource {NAME}]\nsubsystem = misc\nkernel = d*\n")]).resources[0]
+    inv = inventory.Inventory(Sink())
+    inv.add(ResourceState(res))
+    assert len(inv.scan(None, [NAME])[NAME].added) == 30
+    raw, index = inv.raw[NAME], inv.index[NAME]
+    assert list(raw) == [f"d{n}" for n in range(30)]
+
+    assert inv.scan(None, [NAME]) == {}
+    assert inv.raw[NAME] is raw and inv.index[NAME] is index and inv.states[NAME].current()[1] is raw
+
+    (nodes / "d5").unlink()
+    change = inv.scan(None, [NAME])[NAME]
+    assert [(a.id, b.health) for a, b in change.changed] == [("d5", UNHEALTHY)] and not change.added
+    now = inv.raw[NAME]
+    assert list(now) == list(raw) and all(now[k] is raw[k] for k in raw if k != "d5")
+    assert (inv.index[NAME].by_path, inv.index[NAME].by_node) == rebuilt(inv)
+
+    plug("d30")
+    plug("c1")  # not matched: kernel = d*
+    paths.remove(str(tmp_path / "sys" / "d3"))
+    change = inv.scan(None, [NAME])[NAME]
+    assert [d.id for d in change.added] == ["d30"] and [d.id for d in change.removed] == ["d3"]
+    after = inv.raw[NAME]
+    assert list(after) == [f"d{n}" for n in range(31) if n != 3]
+    assert all(after[k] is now[k] for k in after if k != "d30")
+    assert (inv.index[NAME].by_path, inv.index[NAME].by_node) == rebuilt(inv)
+
+
+def test_a_device_equal_but_for_its_shadows_is_the_new_one():
+    """shadows take no part in equality: a rescan that finds a device hiding another (or no longer)
+    must keep the new object, or a refresh would not know to scan again when it leaves."""
+    old = {"d1": Device(NAME, "d1", "/sys/devices/virtual/misc/d1", "d1", ("/dev/d1",))}
+    new = {"d1": Device(NAME, "d1", "/sys/devices/virtual/misc/d1", "d1", ("/dev/d1",),
+                        shadows=("/sys/devices/virtual/misc/x/d1",))}
+    kept = discovery._kept(dict(new), old)
+    assert kept is not old and kept["d1"] is new["d1"]
+    assert discovery._kept(dict(old), new)["d1"] is old["d1"]
+    assert discovery._kept(dict(old), None) == old
