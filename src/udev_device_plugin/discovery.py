@@ -152,7 +152,8 @@ def evaluate(context, res: ResourceConfig, view: SysDevice,  # type: ignore[no-u
     dev_id, why = device_id(res, view)
     if dev_id is None:
         return None, f"{res.name}: {sys_path} skipped: {why}"
-    nodes = [view.devnode] if view.devnode else []
+    node = view.devnode
+    nodes = [node] if node else []
     healthy, reason = rule_health(res, view)
     if res.vfio_group_devnode:
         group_node, no_group = vfio_group_devnode(sys_path)
@@ -168,7 +169,7 @@ def evaluate(context, res: ResourceConfig, view: SysDevice,  # type: ignore[no-u
             elif withheld is not None:
                 withheld.append(f"{node} ({subsystem or 'no subsystem'})")
     gone = [n for n in nodes if not exists(n)]
-    missing_extra = [n for n in res.extra_devnodes if not exists(n)]
+    missing_extra = [n for n in res.extra_devnodes if not exists(n)] if res.extra_devnodes else []
     if gone:
         healthy, reason = False, f"device node {gone[0]} is missing"
     elif missing_extra:

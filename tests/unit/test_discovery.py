@@ -185,3 +185,32 @@ def test_node_listing_answers_as_os_path_exists(tmp_path):
     # (one scan's view), and a new listing sees it gone.
     os.unlink(tmp_path / "node")
     assert listing(f"{tmp_path}/node") and not discovery.NodeListing()(f"{tmp_path}/node")
+
+
+def test_a_uevent_file_is_split_as_libudev_reads_it(tmp_path):
+    """Each line at its first "=", lines without one left out, the last of a key kept: the one regular
+    expression gives what splitting line by line gives, on random bytes made of what such a file holds."""
+    import random
+
+    from udev_device_plugin import sysfs
+
+    def by_lines(data):
+        event = {}
+        for line in data.split(b"\n"):
+            key, sep, value = line.partition(b"=")
+            if sep:
+                event[key] = value
+        return event
+
+    rng = random.Random(7)
+    pieces = [b"=", b"\n", b"A", b"b", b"\r", b"\x00", b"\xff", b" ", b"==", b"\n\n", b"DEVNAME=", b"=\n"]
+    for _ in range(20000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 24)))
+        assert dict(sysfs._UEVENT_LINE.findall(data)) == by_lines(data), data
+    device = tmp_path / "loop7"
+    device.mkdir()
+    (device / "uevent").write_bytes(b"MAJOR=7\nMINOR=7\nDEVNAME=loop7\nDEVTYPE=disk\nEMPTY=\nODD=a=b\nno equals sign\n")
+    view = sysfs.SysDevice(str(device), "block")
+    assert view.uevent() == {b"MAJOR": b"7", b"MINOR": b"7", b"DEVNAME": b"loop7", b"DEVTYPE": b"disk",
+                             b"EMPTY": b"", b"ODD": b"a=b"}
+    assert view.devnode == "/dev/loop7" and view.devtype == "disk"
