@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -96,8 +95,7 @@ class Daemon:
     def load_config(self) -> config.Config:
         cfg = config.load(self.config_path)
         if self.kubelet_dir_override:
-            cfg = dataclasses.replace(cfg, plugin=dataclasses.replace(cfg.plugin,
-                                                                       kubelet_dir=self.kubelet_dir_override))
+            cfg = cfg._replace(plugin=cfg.plugin._replace(kubelet_dir=self.kubelet_dir_override))
         return cfg
 
     @property
