@@ -17,7 +17,6 @@ import pwd
 import re
 import shlex
 import stat
-import unicodedata
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from . import metrics
@@ -64,6 +63,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UDEV_PROPERTY = re.compile(r"^[A-Za-z0-9_.]+$")
 _SYSFS_ATTRIBUTE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 _SUBSYSTEM = re.compile(r"^[A-Za-z0-9_.:-]+$")
+# Unicode's categories Cc (exactly U+0000-U+001F and U+007F-U+009F, a set the standard keeps
+# stable), Zl (U+2028) and Zp (U+2029), tab and newline aside: no unicodedata (its table is
+# 200 KiB of the daemon's memory) and one search instead of a loop.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 # child_devnodes = all, stored as the one glob that matches every subsystem.
 ALL_CHILDREN = ("*",)
@@ -319,10 +322,8 @@ def _control(text: str) -> Optional[int]:
     a NUL in a path or an argument reaches the Allocate answer or fails every exec, and the
     others break lines or terminals where the value is shown.
     """
-    for i, ch in enumerate(text):
-        if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
-            return i
-    return None
+    found = _CONTROLS.search(text)
+    return None if found is None else found.start()
 
 
 def _shown(text: str) -> str:

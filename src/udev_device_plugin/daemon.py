@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -45,6 +46,23 @@ EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=
 HOTPLUG_QUIET = 0.005
 HOTPLUG_HOLDOFF = 0.02
 
+# After a change of this many devices or more (the first scan of a big node, a burst), and TRIM_DELAY
+# later (the lists sent), glibc is asked to give back the heap pages the scan and gRPC's buffers freed:
+# at 10,000 devices ~1 MiB of RSS, for ~0.5 ms.  Not done elsewhere: a small change frees little.
+TRIM_AFTER = 256
+TRIM_DELAY = 1.0
+
+
+def trim_heap() -> bool:
+    """malloc_trim(0): False where the C library has none (not glibc)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
+
 
 class Daemon:
     def __init__(self, config_path: str, kubelet_dir: Optional[str] = None,
@@ -68,6 +86,7 @@ class Daemon:
         self.coalescer = Coalescer(HOTPLUG_QUIET, HOTPLUG_HOLDOFF)
         self.scheduler = HealthScheduler(clock, self.cfg.plugin.health_workers)
         self._lagging: Dict[str, float] = {}
+        self._trim: Optional[asyncio.TimerHandle] = None
         self._exit_status = EXIT_OK
         self._stopping: Optional[asyncio.Event] = None
         self._ready = False
@@ -204,6 +223,18 @@ class Daemon:
                                      removed=[n for d in change.removed for n in d.devnodes] +
                                      [n for d, _ in change.changed for n in d.devnodes])
         self._update_status()
+        self._trim_later(changes)
+
+    def _trim_later(self, changes: Dict[str, ResourceDiff]) -> None:
+        """Once after a big change (TRIM_AFTER): the heap trimmed when the lists have gone out."""
+        if self.loop is None or self._trim is not None:
+            return
+        if sum(len(c.added) + len(c.changed) + len(c.removed) for c in changes.values()) >= TRIM_AFTER:
+            self._trim = self.loop.call_later(TRIM_DELAY, self._trimmed)
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        trim_heap()
 
     def _sync_cdi(self, name: str) -> None:
         """Rewrite the resource's CDI spec if what it advertises changed it (in this same callback, so

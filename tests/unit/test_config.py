@@ -1046,3 +1046,15 @@ def test_vfio_group_devnode(value, expected):
 def test_bad_vfio_group_devnode():
     message = one_error(RES_HEAD + "vfio_group_devnode = /dev/vfio\n")
     assert_names(message, SECTION, "vfio_group_devnode", "/dev/vfio", "accepted: yes or no")
+
+
+def test_the_control_characters_refused_are_unicodes_cc_zl_and_zp():
+    """_control's one expression is unicodedata's categories Cc, Zl and Zp (tab and newline aside), over
+    every code point this Python knows."""
+    import sys
+    import unicodedata
+
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        refused = ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+        assert config._control(f"ab{ch}") == (2 if refused else None), hex(code)
