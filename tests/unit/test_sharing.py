@@ -138,29 +138,38 @@ def test_ten_thousand_replicas():
     assert len(got.devices) == 10_000 and got.payload == protobuf_list(devices, 100)
 
 
+def spied_state():
+    """A ResourceState of a misc resource, and the list of whether each call of its encoder's short way
+    (``_update``, given what changed) held."""
+    from udev_device_plugin import config
+    from udev_device_plugin.servicer import ResourceState
+
+    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
+    state = ResourceState(res)
+    calls = []
+    encoder_update = state._encoder._update
+
+    def spy(*args):
+        got = encoder_update(*args)
+        calls.append(got is not None)
+        return got
+
+    state._encoder._update = spy
+    return state, calls
+
+
 def test_a_list_told_what_changed_is_the_list_encoded_from_scratch():
     """ResourceState passes the inventory's diff to the encoder, which then re-encodes only those
     devices: after every step of a random walk (adds anywhere in the order, removals, health and
     NUMA changes, several publishes between two reads), the bytes are the generic encoder's."""
     import random
 
-    from udev_device_plugin import config, discovery
+    from udev_device_plugin import discovery
     from udev_device_plugin.model import diff
-    from udev_device_plugin.servicer import ResourceState
 
-    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
-    state = ResourceState(res)
+    state, updated = spied_state()
     rng = random.Random(12)
     current: Dict[str, Device] = {}
-    updated = []
-    encoder_update = state._encoder._update
-
-    def spy(*args):
-        got = encoder_update(*args)
-        updated.append(got is not None)
-        return got
-
-    state._encoder._update = spy
     for step in range(400):
         new = dict(current)
         for _ in range(rng.choice([1, 1, 1, 2, 5])):
@@ -186,25 +195,13 @@ def test_a_list_updated_as_refresh_changes_it_with_equal_keys():
     diff's parts), published as known.  The bytes are the generic encoder's after every step."""
     import random
 
-    from udev_device_plugin import config, discovery
+    from udev_device_plugin import discovery
     from udev_device_plugin.model import diff, diff_of
-    from udev_device_plugin.servicer import ResourceState
 
-    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
-    state = ResourceState(res)
+    state, calls = spied_state()
     rng = random.Random(5)
     current: Dict[str, Device] = {}
     names = [f"d{n}" for n in range(40)] + [f"d0{n}" for n in range(10)] + [f"d00{n}" for n in range(5)]
-    short = 0
-    encoder_update = state._encoder._update
-
-    def spy(*args):
-        nonlocal short
-        got = encoder_update(*args)
-        short += got is not None
-        return got
-
-    state._encoder._update = spy
     for step in range(600):
         gone, new = set(), {}
         for _ in range(rng.choice([1, 1, 1, 2, 4])):
@@ -225,28 +222,17 @@ def test_a_list_updated_as_refresh_changes_it_with_equal_keys():
         current = after
         if rng.random() < 0.8:
             assert state.list_payload()[1] == protobuf_list(current, 1), f"step {step}"
-    assert short > 300
+    assert sum(calls) > 300
 
 
 def test_a_change_of_many_devices_builds_the_list_again():
     """Told of more than _MAX_EDITS changes, the encoder does not copy the message once per change: it
     builds the list from the devices (keeping the others' bytes), and the next small change goes the
     short way again.  The bytes are the generic encoder's at each step."""
-    from udev_device_plugin import config, discovery
+    from udev_device_plugin import discovery
     from udev_device_plugin.model import diff
-    from udev_device_plugin.servicer import ResourceState
 
-    res = config.parse([("t.conf", f"[resource {RESOURCE}]\nsubsystem = misc\n")]).resources[0]
-    state = ResourceState(res)
-    calls = []
-    encoder_update = state._encoder._update
-
-    def spy(*args):
-        got = encoder_update(*args)
-        calls.append(got is not None)
-        return got
-
-    state._encoder._update = spy
+    state, calls = spied_state()
     current: Dict[str, Device] = {}
     steps = [
         {f"d{n}": dev(f"d{n}") for n in range(0, 200, 2)},  # the first list: no diff to follow
