@@ -125,10 +125,19 @@ def starts(report: Report, tmp: str, kubelet: LeanKubelet, count: int, times: in
     return daemon
 
 
+# The daemon gives freed heap back a second after a big change (daemon.TRIM_DELAY): its RSS is read
+# when it is first asleep after the complete list, and again this much later, settled.
+SETTLE = 3.0
+
+
 def rss(report: Report, count: int, daemon: Serve, bares: Dict[str, Bare]) -> None:
     common.wait_asleep(daemon.pid)
+    first = common.rss_mib(daemon.pid)
+    report(f"RSS, daemon with {count} devices (first asleep after the list)", first, "MiB")
+    time.sleep(SETTLE)
+    common.wait_asleep(daemon.pid)
     mine = common.rss_mib(daemon.pid)
-    report(f"RSS, daemon with {count} devices (idle)", mine, "MiB")
+    report(f"RSS, daemon with {count} devices (idle, {SETTLE:g} s later)", mine, "MiB")
     for kind, server in bares.items():
         report(f"RSS, daemon with {count} devices / {kind}", mine / common.rss_mib(server.pid), "x")
 
