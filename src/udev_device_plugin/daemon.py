@@ -229,7 +229,7 @@ class Daemon:
         """Once after a big change (TRIM_AFTER): the heap trimmed when the lists have gone out."""
         if self.loop is None or self._trim is not None:
             return
-        if sum(len(c.added) + len(c.changed) + len(c.removed) for c in changes.values()) >= TRIM_AFTER:
+        if sum(map(len, changes.values())) >= TRIM_AFTER:
             self._trim = self.loop.call_later(TRIM_DELAY, self._trimmed)
 
     def _trimmed(self) -> None:

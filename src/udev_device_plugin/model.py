@@ -58,6 +58,10 @@ class ResourceDiff:
     def __bool__(self) -> bool:
         return bool(self.added or self.changed or self.removed)
 
+    def __len__(self) -> int:
+        """How many devices the diff names."""
+        return len(self.added) + len(self.changed) + len(self.removed)
+
 
 def diff(old: Snapshot, new: Snapshot) -> Dict[str, ResourceDiff]:
     """Per resource, what changed from ``old`` to ``new``; resources without change are left out.

@@ -82,7 +82,7 @@ def _own_entry(dev: Device) -> bytes:
 
 def _same_entry(old: Optional[Device], new: Device) -> bool:
     """Whether ``old``'s entries (of the same ID) are ``new``'s: the bytes hold only its ID, health and NUMA nodes."""
-    return old is new or (old is not None and old.health == new.health and old.numa_nodes == new.numa_nodes)
+    return old is not None and old.health == new.health and old.numa_nodes == new.numa_nodes
 
 
 # Told of more changes than this at once, the encoder builds the list again from the devices (one
@@ -93,10 +93,7 @@ _MAX_EDITS = 32
 def _spliced(payload: bytes, start: int, length: int, part: bytes) -> bytes:
     """``payload`` with the ``length`` bytes at ``start`` replaced by ``part``: one copy."""
     view = memoryview(payload)
-    try:
-        return b"".join((view[:start], part, view[start + length:]))
-    finally:
-        view.release()
+    return b"".join((view[:start], part, view[start + length:]))
 
 
 def _bisect(ids: List[str], key: Tuple[object, ...], right: bool) -> int:
@@ -189,8 +186,7 @@ class Encoder:
         hotplug event then costs a few list operations and one copy of the message (~1 ms here)
         instead of a pass over every device (~5 ms).  Without it, where it cannot apply, or where
         it names more than a few devices, every device."""
-        if change is not None and replicas == self._replicas == 1 and self._complete and \
-                len(change.removed) + len(change.changed) + len(change.added) <= _MAX_EDITS:
+        if change is not None and replicas == self._replicas == 1 and self._complete and len(change) <= _MAX_EDITS:
             got = self._update(devices, change, limit)
             if got is not None:
                 return got
@@ -256,8 +252,6 @@ class Encoder:
         self._devices, self._payload, self._complete = devices, payload, not left_out
         self._ids = list(devices) if not left_out else list(devices)[:len(parts)]
         self._sizes = array("I", map(len, parts))
-        del parts
-        last.release()
         if replicas <= 1:
             table: Mapping[str, Device] = devices if not left_out else dict(zip(devices, values))
             return Advertised(table, {}, _OwnIds(table), 1, payload, tuple(left_out))

@@ -181,3 +181,9 @@ def test_shadows_are_not_part_of_equality():
     plain = dev("a", "a0")
     shadowing = Device("a", "a0", plain.sys_path, plain.sys_name, plain.devnodes, shadows=("/sys/devices/b",))
     assert plain == shadowing and diff({"a": {"a0": plain}}, {"a": {"a0": shadowing}}) == {}
+
+
+def test_a_diff_counts_the_devices_it_names():
+    a, b, c = (Device("example.com/r", i, f"/sys/devices/virtual/misc/{i}", i, ()) for i in "abc")
+    assert len(ResourceDiff()) == 0 and not ResourceDiff()
+    assert len(ResourceDiff(added=(a, b), changed=((c, c),), removed=(a,))) == 4
