@@ -31,6 +31,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         delay = min(delay * 2, 0.05)
 
 
+def process_gone(pid: int) -> bool:
+    """``pid`` no longer runs: absent, or a zombie waiting to be reaped. A process reaped between
+    opening its stat file and reading it makes the read fail with ESRCH: gone too."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 @pytest.fixture
 def kubelet_dir(tmp_path) -> str:
     # Short: UNIX socket paths are limited to 107 bytes.

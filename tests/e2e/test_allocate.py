@@ -11,7 +11,7 @@ import pytest
 
 from udev_device_plugin import api
 
-from ..conftest import wait_until
+from ..conftest import process_gone, wait_until
 from .helpers import LOOP, LOOP_CONF, LOOP_IDS, MEM, MEM_CONF, PluginClient, rpc_error
 
 TEMPLATED = f"""\
@@ -219,20 +219,12 @@ def test_prestart(kubelet, start_daemon, prestart_config, tmp_path):
     assert "did not finish within 0.5 s" in details
     # The timed-out command's process group was killed: no sleep left behind.
     pid = int((tmp_path / "sleeping.pid").read_text())
-    wait_until(lambda: not _alive(pid), 5, "the timed-out prestart command to be killed")
+    wait_until(lambda: process_gone(pid), 5, "the timed-out prestart command to be killed")
     # Unknown IDs are refused before anything runs; a resource without prestart_command just says yes.
     code, details = rpc_error(kubelet.prestart, "example.com/pre", ["bogus"])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'bogus'" in details
     kubelet.prestart(MEM, ["zero"])
     kubelet.prestart("example.com/pre", ["null"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_bad_requests_get_clear_errors_and_the_daemon_keeps_serving(kubelet, start_daemon, kubelet_dir):

@@ -13,7 +13,7 @@ from typing import Iterator, List
 import grpc
 import pytest
 
-from ..conftest import wait_until
+from ..conftest import process_gone, wait_until
 from .helpers import MEM, thread_census, threads_bounded, wait_log
 from .test_never_stuck import inspect
 
@@ -143,16 +143,9 @@ def test_processes_a_command_detaches_are_ended(start_daemon, kubelet, tmp_path)
         except FileNotFoundError:
             return []
 
-    def gone(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except FileNotFoundError:
-            return True
-
     wait_until(lambda: len(recorded()) >= 6, what="three runs' detached processes")
     for pid in recorded()[:6]:
-        wait_until(lambda pid=pid: gone(pid), what=f"detached process {pid} to be ended")
+        wait_until(lambda pid=pid: process_gone(pid), what=f"detached process {pid} to be ended")
 
 
 def test_health_checks_falling_behind_are_reported(start_daemon, kubelet):

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Set, Tuple
 
+from tests.conftest import process_gone
+
 UDEVD = "/lib/systemd/systemd-udevd"
 LOOP_CONTROL = "/dev/loop-control"
 LOOP_CTL_ADD = 0x4C80
@@ -38,15 +40,6 @@ LOOP_RESOURCE = "example.com/loop"
 def _run(*argv: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for PID 1 to reap it counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -118,9 +111,9 @@ class Udevd:
             return
         _run("udevadm", "settle", "--timeout=5")
         _run("udevadm", "control", "--exit", "--timeout=5")
-        if self.pid is not None and not _wait(lambda: not _alive(self.pid), 10.0):  # type: ignore[arg-type]
+        if self.pid is not None and not _wait(lambda: process_gone(self.pid), 10.0):  # type: ignore[arg-type]
             os.kill(self.pid, 9)
-            _wait(lambda: not _alive(self.pid), 5.0)  # type: ignore[arg-type]
+            _wait(lambda: process_gone(self.pid), 5.0)  # type: ignore[arg-type]
         if self.created_run_udev:
             shutil.rmtree("/run/udev", ignore_errors=True)
 

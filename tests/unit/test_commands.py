@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import process_gone, wait_until
 from udev_device_plugin import commands
 from udev_device_plugin.commands import Result
 
@@ -23,16 +23,6 @@ def run(argv, env, timeout):
     """The runner on an event loop of its own; the result without its timing fields."""
     got = commands.run_sync(argv, env, timeout)
     return Result(got.ok, got.timed_out, got.detail)
-
-
-def _gone(pid: int) -> bool:
-    """The process no longer runs: absent, or a zombie waiting for init to reap it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 @pytest.mark.parametrize("script, expected", [
@@ -94,7 +84,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert got == Result(False, True, f"{SH} did not finish within 1 s")
     assert 1.0 <= elapsed < 5, elapsed
     grandchild = int(pidfile.read_text())
-    wait_until(lambda: _gone(grandchild), timeout=5, what=f"grandchild {grandchild} to be killed")
+    wait_until(lambda: process_gone(grandchild), timeout=5, what=f"grandchild {grandchild} to be killed")
 
 
 def test_timeout_returns_even_when_a_descendant_escaped_the_group(tmp_path):
@@ -115,7 +105,7 @@ def test_timeout_returns_even_when_a_descendant_escaped_the_group(tmp_path):
         wait_until(lambda: pidfile.exists() and pidfile.read_text() != "", timeout=5, what="the escaped pid")
         escaped = int(pidfile.read_text())
         os.kill(escaped, signal.SIGKILL)
-        wait_until(lambda: _gone(escaped), timeout=5, what="the escaped sleep to end")
+        wait_until(lambda: process_gone(escaped), timeout=5, what="the escaped sleep to end")
 
 
 def test_a_flood_of_output_is_cut_off_and_killed():
@@ -169,7 +159,7 @@ asyncio.run(main())
     killed, children = out.stdout.split(" ", 1)
     assert int(killed) >= 3 and children.strip() == "[]"
     for pid in map(int, pids.read_text().split()):
-        wait_until(lambda pid=pid: _gone(pid), timeout=5, what=f"stray {pid} to be gone")
+        wait_until(lambda pid=pid: process_gone(pid), timeout=5, what=f"stray {pid} to be gone")
 
 
 def test_too_many_abandoned_commands_refuse_new_ones():
