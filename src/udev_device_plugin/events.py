@@ -7,12 +7,14 @@ stderr.  Query them with ``journalctl SYSLOG_IDENTIFIER=udev-device-plugin HEALT
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import socket
 import struct
 import sys
-from typing import IO, Dict, List, NamedTuple, Optional, Protocol, Tuple
+from typing import IO, Deque, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +82,89 @@ def encode(fields: List[Tuple[str, str]]) -> bytes:
 
 
 class JournalSink:
+    """Entries to journald's socket, never blocking the daemon.
+
+    journald reads its socket as fast as it can, but a datagram socket takes only so many entries
+    unread (net.unix.max_dgram_qlen: 512 under systemd, 10 on a bare kernel), and a blocking send
+    past that waits for journald: through a burst (10,000 ADDED entries at the start of a big
+    node) every RPC waits, and with a journald that hangs, forever.  So the socket does not
+    block: what journald cannot take yet waits here, in order, and is sent again every ``RETRY``
+    seconds from the event loop (and before any newer entry).  Bounded: past ``BACKLOG_BYTES`` the
+    oldest entries waiting are dropped (the newest say how the devices are now), and a warning
+    in the log counts them.
+    """
+
+    RETRY = 0.05
+    BACKLOG_BYTES = 4 * 1024 * 1024
+
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self._backlog: Deque[Tuple[bytes, str]] = collections.deque()  # (entry, its message)
+        self._backlog_bytes = 0
+        self._dropped = 0
+        self._retry: Optional[asyncio.TimerHandle] = None
 
     def emit(self, event: Event) -> None:
+        entry = (encode(event.fields()), event.message)
+        if self._backlog:
+            self._flush()
+        if self._backlog or not self._send(entry):
+            self._keep(entry)
+
+    def pending(self) -> int:
+        """Entries waiting for journald to take them."""
+        return len(self._backlog)
+
+    def _send(self, entry: Tuple[bytes, str]) -> bool:
+        """Sent, or logged instead; False when journald's queue is full (try again later)."""
         try:
-            self._sock.sendto(encode(event.fields()), self.path)
+            self._sock.sendto(entry[0], self.path)
+        except (BlockingIOError, InterruptedError):
+            return False
         except OSError as exc:
             # Never lose the event: fall back to the log (stderr, which journald also collects).
-            log.warning("journal unreachable (%s): %s", exc.strerror, event.message)
+            log.warning("journal unreachable (%s): %s", exc.strerror, entry[1])
+        return True
+
+    def _keep(self, entry: Tuple[bytes, str]) -> None:
+        self._backlog.append(entry)
+        self._backlog_bytes += len(entry[0])
+        while self._backlog_bytes > self.BACKLOG_BYTES and len(self._backlog) > 1:
+            self._backlog_bytes -= len(self._backlog.popleft()[0])
+            self._dropped += 1
+        if self._retry is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a test, a command): the next entry tries again
+                return
+            self._retry = loop.call_later(self.RETRY, self._retried)
+
+    def _retried(self) -> None:
+        self._retry = None
+        self._flush()
+        if self._backlog:
+            self._retry = asyncio.get_running_loop().call_later(self.RETRY, self._retried)
+
+    def _flush(self) -> None:
+        while self._backlog and self._send(self._backlog[0]):
+            self._backlog_bytes -= len(self._backlog.popleft()[0])
+        if self._dropped and not self._backlog:
+            log.warning("journald fell behind: %d journal entries were dropped, the oldest first "
+                        "(%d MiB of them waited)", self._dropped, self.BACKLOG_BYTES >> 20)
+            self._dropped = 0
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._flush()
+        if self._backlog:
+            log.warning("journald did not take %d journal entries before the sink closed (and %d "
+                        "were dropped before); their messages follow", len(self._backlog), self._dropped)
+            for _, message in self._backlog:
+                log.warning("%s", message)
+            self._backlog.clear()
         self._sock.close()
 
 

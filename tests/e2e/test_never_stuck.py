@@ -7,17 +7,19 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from typing import List
+from typing import List, Tuple
 
 import grpc
 import pytest
 
 from tests.standin import BEHAVIOURS
-from udev_device_plugin import api
+from udev_device_plugin import api, events
 
 from ..conftest import wait_until
+from ..journalwire import parse_native
 from .helpers import MEM, MEM_CONF, cli, our_sockets, rewrite_config, thread_census, threads_bounded, wait_log
 
 
@@ -278,3 +280,37 @@ for t in threads: t.start()
 for t in threads: t.join()
 assert not errors, errors
 """
+
+
+def test_a_journal_that_does_not_read_stalls_nothing(kubelet, start_daemon, tmp_path):
+    """More journal entries at start than the journal's socket takes unread (net.unix.max_dgram_qlen):
+    every resource still registers and answers, and once the journal reads again it gets every
+    entry.  A blocking send would stop the daemon at the first entry the socket refuses."""
+    with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+        queue = int(f.read())
+    count = max(8, (queue + 50) // 4 + 1)  # each resource: an ADDED entry per device (3), one REGISTERED
+    path = str(tmp_path / "journal.sock")
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(path)
+    try:
+        conf = resources_conf(count).replace("kernel = null", "kernel = null zero full")
+        start_daemon("[plugin]\nevents = journal\n" + conf, env={events.JOURNAL_SOCKET_ENV: path})
+        for i in range(count):
+            kubelet.wait_live(f"example.com/r{i}", devices=3, timeout=30)
+        assert kubelet.allocate(f"example.com/r{count - 1}", ["zero"]).container_responses
+        added: List[Tuple[str, str]] = []
+        journal.setblocking(False)
+
+        def read_all() -> bool:
+            while True:
+                try:
+                    entry = dict(parse_native(journal.recv(65536)))
+                except BlockingIOError:
+                    return len(added) == 3 * count
+                if entry.get("EVENT") == b"ADDED":
+                    added.append((entry["RESOURCE"].decode(), entry["DEVICE_ID"].decode()))
+
+        wait_until(read_all, timeout=30, what=f"the journal to get {3 * count} ADDED entries")
+        assert sorted(added) == sorted((f"example.com/r{i}", d) for i in range(count) for d in ("full", "null", "zero"))
+    finally:
+        journal.close()
