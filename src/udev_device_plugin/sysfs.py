@@ -54,6 +54,8 @@ class Undecodable(Exception):
 
 def strict(what: str, text: str) -> str:
     """``text`` (decoded with surrogateescape) if it is really text; else raise Undecodable."""
+    if text.isascii():  # what sysfs names almost always are: no encoding to try
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -68,6 +70,28 @@ def _decode(what: str, raw: bytes) -> str:
         raise Undecodable(what, raw) from None
 
 
+def _heads(base: str) -> List[str]:
+    """``base`` (absolute, normal) and each of its parents, without a trailing slash: [base, its
+    parent, ..., "" for /]."""
+    heads = [base.rstrip("/")]
+    while heads[-1]:
+        heads.append(heads[-1].rpartition("/")[0])
+    return heads
+
+
+def resolved(base: str, heads: List[str], target: str) -> str:
+    """The link ``target`` read in directory ``base`` (absolute and normal; ``heads``: :func:`_heads` of it),
+    as a normal path.  The kernel writes its links as "../" repeated, then a plain path: that form is
+    joined at once, anything else goes through os.path.normpath (one Python function per link,
+    a twentieth of a scan of 10,000 devices)."""
+    rest = target.lstrip("./")
+    ups, odd = divmod(len(target) - len(rest), 3)
+    if (odd or ups >= len(heads) or not rest or "/." in rest or "//" in rest or rest.endswith("/")
+            or target[:3 * ups] != "../" * ups):
+        return os.path.normpath(os.path.join(base, target))
+    return f"{heads[ups]}/{rest}"
+
+
 def subsystem_paths(subsystem: str) -> Optional[List[str]]:
     """The sys_paths of every device of ``subsystem`` (bus devices, class devices), or None when the
     subsystem has no directory to list (the caller asks libudev)."""
@@ -80,13 +104,13 @@ def subsystem_paths(subsystem: str) -> Optional[List[str]]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         listed = True
-        normpath, readlink = os.path.normpath, os.readlink
+        heads, readlink = _heads(os.path.normpath(base)) if base.startswith("/") else [base], os.readlink
         for name in names:
             try:
                 target = readlink(f"{base}/{name}")
             except OSError:
                 continue  # not a link (a class directory's own files): not a device
-            found[normpath(f"{base}/{target}")] = None
+            found[resolved(heads[0], heads, target)] = None
     return list(found) if listed else None
 
 

@@ -214,3 +214,50 @@ def test_a_uevent_file_is_split_as_libudev_reads_it(tmp_path):
     assert view.uevent() == {b"MAJOR": b"7", b"MINOR": b"7", b"DEVNAME": b"loop7", b"DEVTYPE": b"disk",
                              b"EMPTY": b"", b"ODD": b"a=b"}
     assert view.devnode == "/dev/loop7" and view.devtype == "disk"
+
+
+@pytest.mark.parametrize("base", ["/sys/class/block", "/sys/bus/pci/devices", "/sys", "/"])
+def test_a_link_target_resolves_as_normpath_resolves_it(base):
+    """The kernel's form ("../" repeated, then a plain path) joined at once; any other target as
+    os.path.normpath gives it: the same path for random targets made of dots, slashes and names."""
+    import random
+
+    from udev_device_plugin import sysfs
+
+    heads = sysfs._heads(base)
+    rng = random.Random(base)
+    targets = ["../../devices/virtual/block/loop0", "../../../devices/pci0000:00/0000:00:01.0", "", "/abs/x",
+               "../" * 9 + "x", "../a/./b", "../a/../b", "../a//b", "../a/", "../.hidden", "..x/y", "./x"]
+    targets += ["".join(rng.choice("./ab") for _ in range(rng.randrange(0, 14))) for _ in range(50000)]
+    targets += ["../" * rng.randrange(1, 7) + "".join(rng.choice("./ab") for _ in range(rng.randrange(0, 8)))
+                for _ in range(50000)]
+    for target in targets:
+        assert sysfs.resolved(base, heads, target) == os.path.normpath(os.path.join(base, target)), target
+
+
+def test_subsystem_paths_are_the_devices_the_links_name(tmp_path, monkeypatch):
+    """A class directory's links, resolved; its plain files are no devices; a bus directory's too."""
+    from udev_device_plugin import sysfs
+
+    root = tmp_path / "sys"
+    for dev in ("devices/virtual/block/loop0", "devices/pci0000:00/0000:00:01.0/block/vda", "devices/odd/dev"):
+        (root / dev).mkdir(parents=True)
+    klass = root / "class" / "block"
+    klass.mkdir(parents=True)
+    os.symlink("../../devices/virtual/block/loop0", klass / "loop0")
+    os.symlink("../../devices/pci0000:00/0000:00:01.0/block/vda", klass / "vda")
+    os.symlink("../../devices/./odd/../odd/dev", klass / "odd")  # not the kernel's form: normpath's way
+    (klass / "README").write_text("not a device")
+    monkeypatch.setattr(sysfs, "SYS", str(root))
+    assert sorted(sysfs.subsystem_paths("block")) == sorted(
+        f"{root}/devices/{d}" for d in ("virtual/block/loop0", "pci0000:00/0000:00:01.0/block/vda", "odd/dev"))
+    assert sysfs.subsystem_paths("none") is None
+
+
+def test_strict_takes_text_and_refuses_surrogates():
+    from udev_device_plugin import sysfs
+
+    assert sysfs.strict("x", "loop0") == "loop0" and sysfs.strict("x", "h\u00e9") == "h\u00e9"
+    with pytest.raises(sysfs.Undecodable) as got:
+        sysfs.strict("its kernel name", os.fsdecode(b"bad\xff"))
+    assert got.value.raw == b"bad\xff" and got.value.what == "its kernel name"
