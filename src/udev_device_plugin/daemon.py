@@ -266,6 +266,10 @@ class Daemon:
         paths = self.devnodes.changed()
         if not paths:
             return
+        # devtmpfs deletes an unplugged device's node just before the kernel sends its remove uevent,
+        # which is then waiting as often as not: applied first, it reaches the kubelet without this
+        # handler's work ahead of it, and the node then belongs to no device.
+        self._handle_udev()
         log.debug("device nodes changed: %s", ", ".join(sorted(paths)))
         changes: Dict[str, Dict[str, str]] = {}
         full = set()
