@@ -27,6 +27,7 @@ class OverflowingMonitor:
 
     def __init__(self, context: object) -> None:
         self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)  # as the netlink socket: the daemon drains it whenever a node changes too
         self.overflow = False
 
     def fileno(self) -> int:
@@ -40,7 +41,10 @@ class OverflowingMonitor:
         os.write(self._w, b"x")
 
     def drain(self) -> List[UdevEvent]:
-        os.read(self._r, 1)
+        try:
+            os.read(self._r, 1)
+        except BlockingIOError:
+            return []
         if self.overflow:
             self.overflow = False
             raise Overflow("udev events were lost; 0 read after the overflow")
