@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import List, Tuple
@@ -19,7 +18,7 @@ from tests.standin import BEHAVIOURS
 from udev_device_plugin import api, events
 
 from ..conftest import wait_until
-from ..journalwire import parse_native
+from ..journalwire import Journal
 from .helpers import MEM, MEM_CONF, cli, our_sockets, rewrite_config, thread_census, threads_bounded, wait_log
 
 
@@ -289,28 +288,18 @@ def test_a_journal_that_does_not_read_stalls_nothing(kubelet, start_daemon, tmp_
     with open("/proc/sys/net/unix/max_dgram_qlen") as f:
         queue = int(f.read())
     count = max(8, (queue + 50) // 4 + 1)  # each resource: an ADDED entry per device (3), one REGISTERED
-    path = str(tmp_path / "journal.sock")
-    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    journal.bind(path)
+    journal = Journal(str(tmp_path / "journal.sock"))  # read only when asked, below
     try:
         conf = resources_conf(count).replace("kernel = null", "kernel = null zero full")
-        start_daemon("[plugin]\nevents = journal\n" + conf, env={events.JOURNAL_SOCKET_ENV: path})
+        start_daemon("[plugin]\nevents = journal\n" + conf, env={events.JOURNAL_SOCKET_ENV: journal.path})
         for i in range(count):
             kubelet.wait_live(f"example.com/r{i}", devices=3, timeout=30)
         assert kubelet.allocate(f"example.com/r{count - 1}", ["zero"]).container_responses
-        added: List[Tuple[str, str]] = []
-        journal.setblocking(False)
+        want = sorted((f"example.com/r{i}", d) for i in range(count) for d in ("full", "null", "zero"))
 
-        def read_all() -> bool:
-            while True:
-                try:
-                    entry = dict(parse_native(journal.recv(65536)))
-                except BlockingIOError:
-                    return len(added) == 3 * count
-                if entry.get("EVENT") == b"ADDED":
-                    added.append((entry["RESOURCE"].decode(), entry["DEVICE_ID"].decode()))
+        def added() -> List[Tuple[str, str]]:
+            return sorted((e["RESOURCE"], e["DEVICE_ID"]) for e in journal.find(EVENT="ADDED"))
 
-        wait_until(read_all, timeout=30, what=f"the journal to get {3 * count} ADDED entries")
-        assert sorted(added) == sorted((f"example.com/r{i}", d) for i in range(count) for d in ("full", "null", "zero"))
+        wait_until(lambda: added() == want, timeout=30, what=f"the journal to get {len(want)} ADDED entries")
     finally:
         journal.close()

@@ -4,15 +4,14 @@ them, a datagram socket standing in for journald, and a line printer for measure
 from __future__ import annotations
 
 import os
-import socket
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional
 
 import pytest
 
 from tests.conftest import DaemonProcess, wait_until
 from tests.standin import StandInKubelet
 
-from .. import journalwire
+from ..journalwire import Journal
 from . import realudev
 
 
@@ -67,44 +66,7 @@ def start_loop_daemon(start_daemon: Callable[..., DaemonProcess], kubelet: Stand
     return daemon
 
 
-# --- journald's native protocol -------------------------------------------------------------
-
-def parse_native(data: bytes) -> List[Tuple[str, str]]:
-    """Fields of one native-protocol datagram, values as text."""
-    return [(key, value.decode()) for key, value in journalwire.parse_native(data)]
-
-
-class Journal:
-    """A datagram socket where the daemon sends what it would send journald."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.entries: List[List[Tuple[str, str]]] = []
-
-    def read(self) -> List[Dict[str, str]]:
-        """Every entry so far (repeated keys such as DEVNODE joined with a space)."""
-        while True:
-            try:
-                self.entries.append(parse_native(self.sock.recv(1 << 20)))
-            except BlockingIOError:
-                break
-        out = []
-        for fields in self.entries:
-            entry: Dict[str, str] = {}
-            for key, value in fields:
-                entry[key] = f"{entry[key]} {value}" if key in entry else value
-            out.append(entry)
-        return out
-
-    def find(self, **match: str) -> List[Dict[str, str]]:
-        return [e for e in self.read() if all(e.get(k) == v for k, v in match.items())]
-
-    def close(self) -> None:
-        self.sock.close()
-
+# --- a socket standing in for journald's --------------------------------------------------------
 
 @pytest.fixture
 def journal(tmp_path) -> Iterator[Journal]:

@@ -14,7 +14,7 @@ import pytest
 from udev_device_plugin import events
 from udev_device_plugin.events import Event, JournalSink, StderrSink, devices_event, encode
 
-from ..journalwire import parse_native
+from ..journalwire import Journal, parse_native
 
 
 @pytest.mark.parametrize("fields, wire", [
@@ -195,67 +195,64 @@ def _flood(count: int):
     return [devices_event("added", "example.com/a", f"d{i}", (f"/dev/d{i}",), "Healthy", "") for i in range(count)]
 
 
-def _messages(server: socket.socket):
-    """Every entry waiting on ``server`` (not blocking), as its MESSAGE."""
-    got = []
-    server.setblocking(False)
-    while True:
-        try:
-            got.append(dict(parse_native(server.recv(65536)))["MESSAGE"].decode())
-        except BlockingIOError:
-            return got
-
-
 def _queue_limit() -> int:
     with open("/proc/sys/net/unix/max_dgram_qlen") as f:
         return int(f.read())
 
 
-def test_journal_sink_never_blocks_on_a_journal_that_does_not_read(journal):
+def _messages(journal: Journal):
+    """The MESSAGE of every entry the journal got so far (reading what waits)."""
+    return [e["MESSAGE"] for e in journal.read()]
+
+
+def test_journal_sink_never_blocks_on_a_journal_that_does_not_read(tmp_path):
     """More entries than the socket takes unread (net.unix.max_dgram_qlen): emit returns at once (a
     blocking send would hang this test), the rest wait in order, and the event loop sends them
     once journald reads again."""
-    path, server = journal
+    journal = Journal(str(tmp_path / "j.sock"))
     flood = _flood(_queue_limit() + 200)
-    sink = JournalSink(path)
-    got = []
+    sink = JournalSink(journal.path)
 
     async def main():
         for event in flood:
             sink.emit(event)
         waiting = sink.pending()
         deadline = asyncio.get_running_loop().time() + 10
-        while len(got) < len(flood) and asyncio.get_running_loop().time() < deadline:
-            got.extend(_messages(server))  # journald reading again
-            await asyncio.sleep(0.01)
+        while len(_messages(journal)) < len(flood) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # journald reading again, the sink's retries sending the rest
         return waiting
 
     try:
         waiting = asyncio.run(main())
+        got = _messages(journal)
     finally:
         sink.close()
+        journal.close()
     assert waiting > 0
     assert got == [e.message for e in flood]
     assert sink.pending() == 0
 
 
-def test_journal_sink_backlog_is_bounded_dropping_the_oldest(journal, caplog, monkeypatch):
+def test_journal_sink_backlog_is_bounded_dropping_the_oldest(tmp_path, caplog, monkeypatch):
     """Past BACKLOG_BYTES the oldest waiting entries go; the newest are sent when journald reads again,
     and a warning counts the dropped ones."""
-    path, server = journal
+    journal = Journal(str(tmp_path / "j.sock"))
     flood = _flood(_queue_limit() + 300)
     entry_size = len(encode(flood[0].fields()))
     bound = min(20, _queue_limit() // 2)  # so many that the emptied socket takes them all at close
     monkeypatch.setattr(JournalSink, "BACKLOG_BYTES", bound * entry_size + entry_size // 2)
-    sink = JournalSink(path)
-    for event in flood:  # no event loop: nothing retries until the next emit or close
-        sink.emit(event)
-    assert 0 < sink.pending() <= bound
-    accepted = _messages(server)  # what the socket took before it was full
-    kept = sink.pending()
-    with caplog.at_level(logging.WARNING, logger="udev_device_plugin.events"):
-        sink.close()  # sends what waits, now that the socket has room
-    got = _messages(server)
+    sink = JournalSink(journal.path)
+    try:
+        for event in flood:  # no event loop: nothing retries until the next emit or close
+            sink.emit(event)
+        assert 0 < sink.pending() <= bound
+        accepted = _messages(journal)  # what the socket took before it was full
+        kept = sink.pending()
+        with caplog.at_level(logging.WARNING, logger="udev_device_plugin.events"):
+            sink.close()  # sends what waits, now that the socket has room
+        got = _messages(journal)[len(accepted):]
+    finally:
+        journal.close()
     messages = [e.message for e in flood]
     assert accepted == messages[:len(accepted)] and got == messages[len(messages) - kept:]
     dropped = len(flood) - len(accepted) - kept
