@@ -104,13 +104,15 @@ def subsystem_paths(subsystem: str) -> Optional[List[str]]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         listed = True
-        heads, readlink = _heads(os.path.normpath(base)) if base.startswith("/") else [base], os.readlink
+        base = os.path.normpath(base)
+        heads = _heads(base) if base.startswith("/") else [base]  # a relative SYS: no parents to take
+        readlink = os.readlink
         for name in names:
             try:
                 target = readlink(f"{base}/{name}")
             except OSError:
                 continue  # not a link (a class directory's own files): not a device
-            found[resolved(heads[0], heads, target)] = None
+            found[resolved(base, heads, target)] = None
     return list(found) if listed else None
 
 
