@@ -25,7 +25,6 @@ A device without device nodes gets no CDI device: CDI refuses a device with empt
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
@@ -117,6 +116,8 @@ class SpecBuilder:
     def build(self, res: ResourceConfig, devices: Mapping[str, Device],
               ids_of: Mapping[str, Tuple[str, ...]]) -> Spec:
         """The spec of ``res`` for its ``devices`` (device ID -> device), advertised as ``ids_of``."""
+        import json  # here: only resources with CDI on build specs, and the daemon's start needs no json
+
         shape = (res.name, res.permissions, res.container_path.text)
         keyed = [(device_id, dev, (shape, res.cdi_kind, dev.id, dev.sys_name, dev.devnodes, ids_of[device_id]))
                  for device_id, dev in devices.items() if ids_of.get(device_id) and dev.devnodes]

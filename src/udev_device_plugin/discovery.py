@@ -8,7 +8,6 @@ directory to list.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -265,7 +264,7 @@ def scan_resource(context, res: ResourceConfig,  # type: ignore[no-untyped-def]
             keep, drop = (other, device) if other.sys_path <= device.sys_path else (device, other)
             problems.append(f"{res.name}: ID {device.id!r} of {drop.sys_path} collides with {keep.sys_path}; "
                             f"only {keep.sys_path} is advertised")
-            device = dataclasses.replace(keep, shadows=keep.shadows + drop.shadows + (drop.sys_path,))
+            device = keep.replace(shadows=keep.shadows + drop.shadows + (drop.sys_path,))
         found[device.id] = device
     return _kept(found, previous), problems
 
@@ -344,7 +343,7 @@ def refresh(context, res: ResourceConfig, current: Mapping[str, Device],  # type
         if old is not None and old.shadows:
             if device is None or device.id != old.id:
                 return None
-            device = dataclasses.replace(device, shadows=old.shadows)
+            device = device.replace(shadows=old.shadows)
         if device is None:
             continue
         other = new.get(device.id) or (current.get(device.id) if device.id not in gone else None)

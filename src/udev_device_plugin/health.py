@@ -7,15 +7,16 @@ results are samples, so a change takes ``threshold`` consecutive equal results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Tuple
 
 
-@dataclass
 class _State:
-    healthy: bool
-    reason: str
-    pending: int = 0
+    __slots__ = ("healthy", "reason", "pending")
+
+    def __init__(self, healthy: bool, reason: str) -> None:
+        self.healthy = healthy
+        self.reason = reason
+        self.pending = 0
 
 
 class CommandHealth:

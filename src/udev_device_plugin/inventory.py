@@ -8,7 +8,6 @@ when, and only when, the list changed) and emits one event per device transition
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Set, Tuple, Union
@@ -203,7 +202,7 @@ class Inventory:
         for dev_id, reason in overrides.items():
             dev = raw.get(dev_id)
             if dev is not None and dev.healthy:
-                out[dev_id] = dataclasses.replace(dev, health=UNHEALTHY, reason=reason)
+                out[dev_id] = dev.replace(health=UNHEALTHY, reason=reason)
         return out
 
     def publish(self, name: str, touched: Optional[Tuple[Mapping[str, Device], AbstractSet[str]]] = None

@@ -27,7 +27,6 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
@@ -205,15 +204,15 @@ def _bind_errno(directory: SocketDir) -> int:
     return errno.EADDRNOTAVAIL
 
 
-@dataclass
 class Plugin:
     """One resource: its devices, its registration and the sockets serving it."""
 
-    state: ResourceState
-    reg: Registration
-    endpoints: Dict[int, Endpoint] = field(default_factory=dict)
-    timer: Optional[asyncio.TimerHandle] = None
-    drain: Optional[asyncio.TimerHandle] = None
+    def __init__(self, state: ResourceState, reg: Registration) -> None:
+        self.state = state
+        self.reg = reg
+        self.endpoints: Dict[int, Endpoint] = {}
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.drain: Optional[asyncio.TimerHandle] = None
 
     @property
     def name(self) -> str:
@@ -234,18 +233,19 @@ class Plugin:
                 "registered_via": reg.via if reg.offered else ""}
 
 
-@dataclass(eq=False)  # compared and hashed by identity: there is one per directory
 class Watched:
     """A directory we serve sockets in, held by descriptor (sockdir.py) and watched with inotify
-    together with its parent: the kubelet's socket directory, or plugins_registry."""
+    together with its parent: the kubelet's socket directory, or plugins_registry.  Compared and
+    hashed by identity: there is one per directory."""
 
-    via: str
-    dir: SocketDir
-    label: str
-    wd_dir: int = -1
-    wd_parent: int = -1
-    parent_watched: str = ""
-    problem: str = ""
+    def __init__(self, via: str, dir: SocketDir, label: str) -> None:
+        self.via = via
+        self.dir = dir
+        self.label = label
+        self.wd_dir = -1
+        self.wd_parent = -1
+        self.parent_watched = ""
+        self.problem = ""
 
     @property
     def path(self) -> str:

@@ -25,8 +25,9 @@ import asyncio
 import bisect
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from .model import Frozen
 
 PREFIX = "udev_device_plugin_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -440,14 +441,34 @@ def _installed_version(name: str) -> str:
 
 # --- [plugin] metrics_address ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MetricsAddress:
-    """Where to serve /metrics: an IP address (never a name) and a port (0: the kernel picks one)."""
+class MetricsAddress(Frozen):
+    """Where to serve /metrics: an IP address (never a name) and a port (0: the kernel picks one).
+    Equal by host and port."""
+
+    __slots__ = ("host", "port", "text", "source")
 
     host: str  # the address in its canonical form, without brackets
     port: int
-    text: str = field(default="", compare=False)  # as written in the file
-    source: str = field(default="", compare=False)  # the file
+    text: str  # as written in the file
+    source: str  # the file
+
+    def __init__(self, host: str, port: int, text: str = "", source: str = "") -> None:
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "source", source)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, MetricsAddress)
+        return (self.host, self.port) == (other.host, other.port)
+
+    def __hash__(self) -> int:
+        return hash((self.host, self.port))
+
+    def __repr__(self) -> str:
+        return f"MetricsAddress(host={self.host!r}, port={self.port!r}, text={self.text!r}, source={self.source!r})"
 
     @property
     def ipv6(self) -> bool:

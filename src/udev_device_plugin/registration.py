@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 
@@ -97,30 +96,35 @@ class State(enum.Enum):
     BACKOFF = "not registered, retrying"
 
 
-@dataclass
 class Registration:
-    resource: str
-    state: State = State.WAITING
-    endpoint: int = 0  # the sequence number of the socket we serve now; 0: none
-    offered: bool = False  # that socket was named in a Register already
-    kubelet: Optional[KubeletId] = None  # the kubelet the registration is for
-    attempt: int = 0  # answers to older attempts are ignored
-    stream: Optional[int] = None  # the kubelet's ListAndWatch stream on ``endpoint``
-    early_stream: Optional[int] = None  # a stream opened before Register was answered
-    since: float = 0.0  # when ``state`` was entered
-    stream_since: Optional[float] = None
-    deadline: Optional[float] = None  # when Tick is due (retry, stream wait, drain)
-    backoff: float = FIRST_RETRY
-    reason: str = "starting"  # why it is not registered (empty when it is)
-    registrations: int = 0  # Register calls the kubelet accepted
-    streams_lost: int = 0  # streams the kubelet ended
-    draining: int = 0  # the endpoint whose stream is being ended
-    retry_at: float = 0.0  # after a lost stream: no new Register before this (the backoff)
-    early_lost: bool = False  # a stream opened before Register's answer ended before it
-    via: str = ""  # the way the current registration goes: KUBELET_SOCKET_PATH or PLUGIN_WATCHER
-    fallback: bool = False  # registration = both: the plugin watcher did not take our socket
-    info_seen: bool = False  # the plugin watcher asked GetInfo of the socket offered now
-    failed: str = ""  # why the last attempt failed, until one succeeds (a repeat is logged quieter)
+    """One resource's registration: what :func:`step` reads and changes."""
+
+    def __init__(self, resource: str, since: float = 0.0) -> None:
+        self.resource = resource
+        self.state = State.WAITING
+        self.endpoint = 0  # the sequence number of the socket we serve now; 0: none
+        self.offered = False  # that socket was named in a Register already
+        self.kubelet: Optional[KubeletId] = None  # the kubelet the registration is for
+        self.attempt = 0  # answers to older attempts are ignored
+        self.stream: Optional[int] = None  # the kubelet's ListAndWatch stream on ``endpoint``
+        self.early_stream: Optional[int] = None  # a stream opened before Register was answered
+        self.since = since  # when ``state`` was entered
+        self.stream_since: Optional[float] = None
+        self.deadline: Optional[float] = None  # when Tick is due (retry, stream wait, drain)
+        self.backoff = FIRST_RETRY
+        self.reason = "starting"  # why it is not registered (empty when it is)
+        self.registrations = 0  # Register calls the kubelet accepted
+        self.streams_lost = 0  # streams the kubelet ended
+        self.draining = 0  # the endpoint whose stream is being ended
+        self.retry_at = 0.0  # after a lost stream: no new Register before this (the backoff)
+        self.early_lost = False  # a stream opened before Register's answer ended before it
+        self.via = ""  # the way the current registration goes: KUBELET_SOCKET_PATH or PLUGIN_WATCHER
+        self.fallback = False  # registration = both: the plugin watcher did not take our socket
+        self.info_seen = False  # the plugin watcher asked GetInfo of the socket offered now
+        self.failed = ""  # why the last attempt failed, until one succeeds (a repeat is logged quieter)
+
+    def __repr__(self) -> str:
+        return f"Registration({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     @property
     def registered(self) -> bool:
@@ -266,21 +270,24 @@ class Log(_Value):
 Action = Union[Serve, Retire, EndStreams, WatchDrain, Register, Offer, Log]
 
 
-@dataclass
 class Env:
     """What is true outside the registration when an event is handled."""
 
-    now: float
-    kubelet: Optional[KubeletId]  # kubelet.sock now, None when absent
-    next_endpoint: Callable[[], int]  # fresh socket numbers, unique for the process
-    directory_problem: str = ""  # non-empty while the socket directory is unusable
-    paths: Tuple[str, ...] = (KUBELET_SOCKET_PATH,)  # the ways to register, preferred first
-    registry_problem: str = ""  # non-empty while plugins_registry is unusable
-    fallback_timeout: float = STREAM_TIMEOUT  # registration = both: how long the plugin watcher may take
-    backoff_max: float = 10.0
-    stream_timeout: float = STREAM_TIMEOUT
-    drain_timeout: float = DRAIN_TIMEOUT
-    actions: List[Action] = field(default_factory=list)
+    def __init__(self, now: float, kubelet: Optional[KubeletId], next_endpoint: Callable[[], int],
+                 directory_problem: str = "", paths: Tuple[str, ...] = (KUBELET_SOCKET_PATH,),
+                 registry_problem: str = "", fallback_timeout: float = STREAM_TIMEOUT, backoff_max: float = 10.0,
+                 stream_timeout: float = STREAM_TIMEOUT, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        self.now = now
+        self.kubelet = kubelet  # kubelet.sock now, None when absent
+        self.next_endpoint = next_endpoint  # fresh socket numbers, unique for the process
+        self.directory_problem = directory_problem  # non-empty while the socket directory is unusable
+        self.paths = paths  # the ways to register, preferred first
+        self.registry_problem = registry_problem  # non-empty while plugins_registry is unusable
+        self.fallback_timeout = fallback_timeout  # registration = both: how long the plugin watcher may take
+        self.backoff_max = backoff_max
+        self.stream_timeout = stream_timeout
+        self.drain_timeout = drain_timeout
+        self.actions: List[Action] = []
 
 
 def step(reg: Registration, event: Event, env: Env) -> List[Action]:

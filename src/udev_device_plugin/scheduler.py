@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 # A check that starts this much of its interval (or more) after it was due is late.
@@ -29,42 +28,53 @@ _LATE_RECENT = 3
 _ON_TIME_RECOVER = 10
 
 
-@dataclass
 class _Check:
-    key: Hashable
-    group: str  # the resource
-    interval: float
-    due: float
-    token: int = 0  # the heap entry that is current; older entries are skipped
-    started: Optional[float] = None
-    held: bool = False
+    __slots__ = ("key", "group", "interval", "due", "token", "started", "held")
+
+    def __init__(self, key: Hashable, group: str, interval: float, due: float) -> None:
+        self.key = key
+        self.group = group  # the resource
+        self.interval = interval
+        self.due = due
+        self.token = 0  # the heap entry that is current; older entries are skipped
+        self.started: Optional[float] = None
+        self.held = False
 
 
-@dataclass
 class _Lag:
-    late: int = 0
-    on_time: int = 0
-    worst: float = 0.0  # seconds late, the largest of the current lagging spell
+    __slots__ = ("late", "on_time", "worst")
+
+    def __init__(self) -> None:
+        self.late = 0
+        self.on_time = 0
+        self.worst = 0.0  # seconds late, the largest of the current lagging spell
 
 
-@dataclass
 class Started:
-    key: Hashable
-    late_by: float
+    """A check :meth:`HealthScheduler.take_due` started, and how late it started (seconds)."""
+
+    __slots__ = ("key", "late_by")
+
+    def __init__(self, key: Hashable, late_by: float) -> None:
+        self.key = key
+        self.late_by = late_by
+
+    def __repr__(self) -> str:
+        return f"Started({self.key!r}, late_by={self.late_by!r})"
 
 
-@dataclass
 class HealthScheduler:
-    clock: Callable[[], float]
-    workers: int = 8
-    _checks: Dict[Hashable, _Check] = field(default_factory=dict)
-    _heap: List[Tuple[float, int, Hashable]] = field(default_factory=list)
-    _running: Set[Hashable] = field(default_factory=set)
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
-    _lag: Dict[str, _Lag] = field(default_factory=dict)
-    _lagging: Set[str] = field(default_factory=set)
-    late_total: int = 0
-    runs_total: int = 0
+    def __init__(self, clock: Callable[[], float], workers: int = 8) -> None:
+        self.clock = clock
+        self.workers = workers
+        self._checks: Dict[Hashable, _Check] = {}
+        self._heap: List[Tuple[float, int, Hashable]] = []
+        self._running: Set[Hashable] = set()
+        self._seq = itertools.count()
+        self._lag: Dict[str, _Lag] = {}
+        self._lagging: Set[str] = set()
+        self.late_total = 0
+        self.runs_total = 0
 
     # --- what is checked --------------------------------------------------------------------
 

@@ -486,3 +486,12 @@ def test_metrics_extra_and_rpm_recommends_share_the_floor():
 if __name__ == "__main__":  # rewrite metrics_golden.txt with prometheus_client, after checking a change
     with open(GOLDEN, "wb") as out:
         out.write(metrics.render_prometheus_client(golden_families()))
+
+
+def test_an_address_is_an_immutable_value_equal_by_host_and_port():
+    a = MetricsAddress("127.0.0.1", 9943, "127.0.0.1:9943", "/etc/a.conf")
+    b = MetricsAddress("127.0.0.1", 9943, " 127.0.0.1:9943", "/etc/b.conf")
+    assert a == b and hash(a) == hash(b) and a != MetricsAddress("127.0.0.1", 9944) and a != "127.0.0.1:9943"
+    assert str(a) == "127.0.0.1:9943" and str(MetricsAddress("::1", 1)) == "[::1]:1"
+    with pytest.raises(AttributeError):
+        a.port = 1  # type: ignore[misc]

@@ -187,3 +187,43 @@ def test_a_diff_counts_the_devices_it_names():
     a, b, c = (Device("example.com/r", i, f"/sys/devices/virtual/misc/{i}", i, ()) for i in "abc")
     assert len(ResourceDiff()) == 0 and not ResourceDiff()
     assert len(ResourceDiff(added=(a, b), changed=((c, c),), removed=(a,))) == 4
+
+
+FIELDS = {"resource": "b", "id": "z", "sys_path": "/sys/devices/z", "sys_name": "z", "devnodes": ("/dev/z",),
+          "numa_nodes": (3,), "health": UNHEALTHY, "reason": "why"}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_every_field_but_shadows_makes_devices_differ(name):
+    a = dev("a", "a0")
+    other = a.replace(**{name: FIELDS[name]})
+    assert getattr(other, name) == FIELDS[name] and other != a and not (other == a)
+    assert other.shadows == a.shadows and a.replace() == a and hash(a.replace()) == hash(a)
+    assert a.replace(shadows=("/sys/devices/b",)) == a  # equal, and hashed alike
+    assert hash(a.replace(shadows=("/sys/devices/b",))) == hash(a)
+
+
+def test_devices_are_immutable_values():
+    a = dev("a", "a0")
+    with pytest.raises(AttributeError):
+        a.health = UNHEALTHY  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del a.id
+    with pytest.raises(AttributeError):
+        a.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="no field"):
+        a.replace(colour="red")
+    assert a.health == HEALTHY and {a: 1}[dev("a", "a0")] == 1
+    assert (a == "a0") is False and a != ("a", "a0")
+    assert repr(a) == ("Device(resource='a', id='a0', sys_path='/sys/devices/a0', sys_name='a0', "
+                       "devnodes=('/dev/x',), numa_nodes=(), health='Healthy', reason='', shadows=())")
+
+
+def test_diffs_are_immutable_values():
+    d = ResourceDiff(added=(A0,), changed=((A1, A1_SICK),), removed=(A2,))
+    assert d == ResourceDiff((A0,), ((A1, A1_SICK),), (A2,)) and hash(d) == hash(ResourceDiff((A0,), ((A1, A1_SICK),),
+                                                                                           (A2,)))
+    assert d != ResourceDiff(added=(A0,)) and d != (A0,)
+    with pytest.raises(AttributeError):
+        d.added = ()  # type: ignore[misc]
+    assert "ResourceDiff(added=(Device(" in repr(d)

@@ -3,7 +3,6 @@ stack), the tables Allocate looks replica IDs up in, and the 4 MiB limit."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Tuple
 
 import pytest
@@ -89,7 +88,7 @@ def test_a_device_is_encoded_again_only_when_it_changed(monkeypatch):
     assert encoded == [("b", 2)]
     assert second.payload == protobuf_list(sick, 2) != first.payload
     # Only the ID, health and NUMA nodes are in the bytes: another sys_path keeps them.
-    moved = table(dataclasses.replace(dev("a"), sys_path="/sys/devices/elsewhere/a"), dev("b", health=UNHEALTHY))
+    moved = table(dev("a").replace(sys_path="/sys/devices/elsewhere/a"), dev("b", health=UNHEALTHY))
     del encoded[:]
     assert encoder.advertise(moved, 2).payload == protobuf_list(moved, 2)
     assert encoded == []
