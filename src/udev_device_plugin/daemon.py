@@ -23,6 +23,8 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import grpc
+
 from . import commands, config, events
 from .cdidir import CdiSpecs
 from .discovery import touched
@@ -762,8 +764,10 @@ def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
         log.error("invalid configuration: not starting (%d error(s))", len(exc.messages))
         return EXIT_CONFIG
     setup_logging(daemon.cfg.plugin.log_level)
-    log.info("udev-device-plugin starting: %d resource(s), kubelet directory %s",
-             len(daemon.cfg.resources), daemon.cfg.plugin.kubelet_dir)
+    experiments = os.environ.get("GRPC_EXPERIMENTS")
+    log.info("udev-device-plugin starting: %d resource(s), kubelet directory %s; grpcio %s%s",
+             len(daemon.cfg.resources), daemon.cfg.plugin.kubelet_dir, grpc.__version__,
+             f" (GRPC_EXPERIMENTS={experiments})" if experiments else "")
     return daemon.run(restore_signals=False)
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Set
 
 from tests.bench import common
 from tests.bench.common import BARE_KINDS, Bare, Figures, Report, Serve, Target, channel, note, raw, rss_mib
@@ -28,6 +28,10 @@ IDLE_WINDOW = 5.0
 ROUNDS = 5
 PER_ROUND = 1000
 BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
+DAEMON_GRPC_ENV = common.daemon_grpc_env()
+# A reference, not the floor: the bare grpc.aio server with the gRPC settings the daemon gives itself.
+BARE_SET = "bare grpc.aio with the daemon's gRPC settings ({})".format(
+    " ".join(f"{k}={v}" for k, v in DAEMON_GRPC_ENV.items()))
 ONE = "example.com/mem"
 MEM = "subsystem = mem\nkernel = null zero full\n"
 ONE_CONFIG = f"[plugin]\nlog_level = warning\n\n[resource {ONE}]\n{MEM}"
@@ -92,6 +96,10 @@ def run(report: Report) -> None:
             bare_many = Bare("bare grpc.aio", ",".join(os.path.join(tmp, f"bare-many{i}.sock")
                                                       for i in range(RESOURCES)), reply)
             bares[BARE_MANY] = bare_many
+            if DAEMON_GRPC_ENV:
+                bares[BARE_SET] = Bare(BARE_SET, os.path.join(tmp, "bare-set.sock"), reply, env=DAEMON_GRPC_ENV,
+                                       script=BARE_KINDS["bare grpc.aio"])
+            references = {BARE_MANY, BARE_SET}
             many_channels = [channel(k40.client(n).path) for n in MANY]
             channels.extend(many_channels)
             targets = []
@@ -105,7 +113,13 @@ def run(report: Report) -> None:
             note(f"Allocate of one device, {ROUNDS} interleaved rounds of {PER_ROUND} sequential calls per server; "
                  f"{RESOURCES} resources: calls spread over their {RESOURCES} sockets")
             got = common.interleaved(targets, ROUNDS, PER_ROUND)
-            common.report_calls(report, "Allocate", got, list(BARE_KINDS), {BARE_MANY})
+            common.report_calls(report, "Allocate", got, list(BARE_KINDS), references)
+            if BARE_SET in got:
+                one_name, b = "daemon, 1 resource", got[BARE_SET]
+                report(f"Allocate: {one_name} / {BARE_SET}, p99",
+                       common.percentile(got[one_name].latencies, 99) / common.percentile(b.latencies, 99), "x")
+                report(f"Allocate: {one_name} / {BARE_SET}, CPU per call",
+                       got[one_name].cpu_per_call_us / b.cpu_per_call_us, "x")
             many_name, b = f"daemon, {RESOURCES} resources", got[BARE_MANY]
             report(f"Allocate: {many_name} / {BARE_MANY}, p99",
                    common.percentile(got[many_name].latencies, 99) / common.percentile(b.latencies, 99), "x")
@@ -122,7 +136,7 @@ def run(report: Report) -> None:
                    rss_mib(many.pid) / rss_mib(bare_many.pid), "x")
 
             idle(report, k1, k40, one, many, bares)
-            rogue = streams(report, tmp, k40, many, bares, targets, got)
+            rogue = streams(report, tmp, k40, many, bares, targets, got, references)
         finally:
             if rogue is not None:
                 if rogue.stdin is not None:
@@ -164,7 +178,7 @@ def idle(report: Report, k1: LeanKubelet, k40: LeanKubelet, one: Serve, many: Se
 
 
 def streams(report: Report, tmp: str, k40: LeanKubelet, many: Serve, bares: Dict[str, Bare],
-            targets: List[Target], before: Dict[str, Figures]) -> subprocess.Popen:
+            targets: List[Target], before: Dict[str, Figures], references: Set[str]) -> subprocess.Popen:
     paths = [k40.client(n).path for n in MANY]
     rogue = subprocess.Popen([sys.executable, "-c", ROGUE, str(ROGUE_STREAMS)] + paths, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
@@ -180,7 +194,7 @@ def streams(report: Report, tmp: str, k40: LeanKubelet, many: Serve, bares: Dict
            on_one + 1, "streams")
     rss = rss_mib(many.pid)
     got = common.interleaved(targets, ROUNDS, PER_ROUND)
-    common.report_calls(report, f"Allocate, {held} rogue streams held", got, list(BARE_KINDS), {BARE_MANY})
+    common.report_calls(report, f"Allocate, {held} rogue streams held", got, list(BARE_KINDS), references)
     name = f"daemon, {RESOURCES} resources"
     report(f"Allocate p99, {name}: with {held} rogue streams / without (earlier rounds)",
            common.percentile(got[name].latencies, 99) / common.percentile(before[name].latencies, 99), "x")

@@ -74,6 +74,16 @@ asyncio.run(main())
 BARE_KINDS = {"bare grpc.server (16 threads)": BARE_SYNC, "bare grpc.aio": BARE_AIO}
 
 
+def daemon_grpc_env() -> Dict[str, str]:
+    """The gRPC settings ``serve`` gives itself on this grpcio (entry.grpc_settings), as environment
+    variables: a bare server run with them shows what grpc costs with them, apart from the daemon."""
+    from udev_device_plugin import entry
+
+    env: Dict[str, str] = {}
+    entry.grpc_settings(env, entry.grpcio_release())
+    return env
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1)))))
@@ -198,12 +208,13 @@ class Bare:
     """One bare grpcio server process; ``started``: seconds from Popen to its "ready" line.  ``sock``: its
     socket, or (grpc.aio only) several, comma-separated, each with a server of its own."""
 
-    def __init__(self, kind: str, sock: str, reply: bytes) -> None:
+    def __init__(self, kind: str, sock: str, reply: bytes, env: Optional[Dict[str, str]] = None,
+                 script: Optional[str] = None) -> None:
         self.kind = kind
         self.sock = sock
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-c", BARE_KINDS[kind], sock, reply.hex()],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", script or BARE_KINDS[kind], sock, reply.hex()],
+                                     stdout=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         self.started = time.monotonic() - t0

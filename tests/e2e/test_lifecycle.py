@@ -11,6 +11,8 @@ import threading
 import grpc
 import pytest
 
+from udev_device_plugin import entry
+
 from ..conftest import wait_until
 from .helpers import (
     LOOP,
@@ -305,3 +307,17 @@ def _removed(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.parametrize("admins", [None, "-event_engine_client"], ids=["ours", "the admin's"])
+def test_the_start_line_names_grpcio_and_the_settings_it_runs_with(kubelet, start_daemon, admins):
+    """``serve`` chooses gRPC core's own listener where its grpcio knows the switch (entry.py), says so
+    in its first line, and leaves an admin's GRPC_EXPERIMENTS as it is."""
+    env = {"GRPC_EXPERIMENTS": admins} if admins is not None else {}
+    daemon = start_daemon(MEM_CONF, env=env)
+    kubelet.wait_live(MEM, devices=3)
+    release = tuple(int(part) for part in grpc.__version__.split(".")[:2])
+    first, last = entry.GRPC_EXPERIMENTS_RELEASES
+    expected = admins if admins is not None else "-event_engine_listener" if first <= release <= last else None
+    line = next(line for line in daemon.log().splitlines() if "udev-device-plugin starting:" in line)
+    assert line.endswith(f"; grpcio {grpc.__version__}" + (f" (GRPC_EXPERIMENTS={expected})" if expected else ""))

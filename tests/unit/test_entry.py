@@ -1,0 +1,47 @@
+"""The executable's start (entry.py): the gRPC settings ``serve`` gives itself, by grpcio release."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from udev_device_plugin import entry
+
+
+@pytest.mark.parametrize("release", [(1, 59), (1, 70), (1, 85)])
+def test_the_iomgr_listener_is_chosen_on_the_releases_that_know_the_switch(release):
+    environ = {"PATH": "/usr/bin"}
+    assert entry.grpc_settings(environ, release) == "-event_engine_listener"
+    assert environ == {"PATH": "/usr/bin", "GRPC_EXPERIMENTS": "-event_engine_listener"}
+
+
+@pytest.mark.parametrize("release", [None, (0, 99), (1, 46), (1, 58), (1, 86), (2, 0)])
+def test_nothing_is_set_on_a_release_that_may_not_know_it(release):
+    environ = {"PATH": "/usr/bin"}
+    assert entry.grpc_settings(environ, release) is None
+    assert environ == {"PATH": "/usr/bin"}
+
+
+@pytest.mark.parametrize("admins", ["", "-event_engine_client", "-event_engine_listener,-event_engine_client"])
+def test_an_admins_own_grpc_experiments_are_left_alone(admins):
+    environ = {"GRPC_EXPERIMENTS": admins}
+    assert entry.grpc_settings(environ, (1, 85)) is None
+    assert environ == {"GRPC_EXPERIMENTS": admins}
+
+
+def test_the_release_is_the_installed_grpcios():
+    major, minor = (int(part) for part in grpc.__version__.split(".")[:2])
+    assert entry.grpcio_release() == (major, minor)
+
+
+def test_the_release_is_read_from_the_first_version_file_that_has_one(tmp_path):
+    missing, garbled, undecodable, found, later = (tmp_path / n for n in ("a", "b", "c", "d", "e"))
+    for d in (garbled, undecodable, found, later):
+        d.mkdir()
+    (garbled / "_grpcio_metadata.py").write_text("__version__ = 'unknown'\n")
+    (undecodable / "_grpcio_metadata.py").write_bytes(b"\xff\xfe1.2\n")
+    (found / "_grpcio_metadata.py").write_text('__version__ = """1.62.3"""\n')
+    (later / "_grpcio_metadata.py").write_text('__version__ = """1.80.0"""\n')
+    assert entry.release_in([str(missing), str(garbled), str(undecodable), str(found), str(later)]) == (1, 62)
+    assert entry.release_in([str(missing), str(garbled)]) is None
+    assert entry.release_in([]) is None
