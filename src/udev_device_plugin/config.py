@@ -182,6 +182,7 @@ class PluginConfig(NamedTuple):
     events: str = "auto"
     register_timeout: float = 5.0
     register_backoff_max: float = 10.0
+    kubelet_keepalive: float = 30.0
     ready_timeout: float = 15.0
     health_workers: int = 8
     strict_permissions: bool = True
@@ -212,6 +213,8 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "events": ("auto", "where device events go: journal, stderr, or auto (journal if running)"),
     "register_timeout": ("5", "seconds to wait for the kubelet to answer Register"),
     "register_backoff_max": ("10", "longest wait, in seconds, between failed Register attempts"),
+    "kubelet_keepalive": ("30", "seconds between the pings on each kubelet connection that notice a kubelet "
+                          "that hangs without closing it, 1-3600"),
     "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
     "health_workers": ("8", "how many health_command runs at once, 1-1024"),
     "strict_permissions": ("yes", "refuse config files and directories others than root may write (main file only)"),
@@ -436,6 +439,8 @@ def _annotation_key(name: str) -> bool:
     return len(parts) == 1 and len(name) <= 63 and bool(_QUALIFIED_NAME.match(name))
 
 
+# kubelet_keepalive's bounds: each ping wakes a few threads, once per kubelet connection.
+KEEPALIVE_MIN, KEEPALIVE_MAX = 1.0, 3600.0
 # [plugin] keys that are a number of seconds, with their upper bound.
 _PLUGIN_SECONDS = {"register_timeout": 60.0, "register_backoff_max": 300.0, "ready_timeout": 3600.0}
 
@@ -459,6 +464,16 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             num = _number(c, section, key, value, 0, _PLUGIN_SECONDS[key])
             if num is not None:
                 into[key] = num
+        elif key == "kubelet_keepalive":
+            try:
+                num = float(value)
+            except ValueError:
+                num = float("nan")
+            if KEEPALIVE_MIN <= num <= KEEPALIVE_MAX:
+                into[key] = num
+            else:
+                c.error(section, key, value,
+                        f"accepted: a number of seconds from {KEEPALIVE_MIN:g} to {KEEPALIVE_MAX:g}")
         elif key == "health_workers":
             workers = _whole(c, section, key, value, 1, 1024)
             if workers is not None:

@@ -159,7 +159,8 @@ class Daemon:
         connector = KubeletConnector(plugin.kubelet_dir, self.runner, self.prestarts,
                                      on_change=self._on_registration_change, fatal=self.fatal,
                                      register_timeout=plugin.register_timeout,
-                                     backoff_max=plugin.register_backoff_max, clock=self.clock,
+                                     backoff_max=plugin.register_backoff_max, keepalive=plugin.kubelet_keepalive,
+                                     clock=self.clock,
                                      paths=_registration_paths(plugin.registration),
                                      registry_dir=plugin.plugins_registry_dir)
         connector.start()
@@ -702,7 +703,8 @@ def _registration_paths(setting: str) -> Tuple[str, ...]:
 def _connector_settings(cfg: config.Config) -> Tuple[object, ...]:
     """What the kubelet side is built with: a change rebuilds it (every resource served afresh)."""
     p = cfg.plugin
-    return (p.kubelet_dir, p.register_timeout, p.register_backoff_max, p.registration, p.plugins_registry_dir)
+    return (p.kubelet_dir, p.register_timeout, p.register_backoff_max, p.kubelet_keepalive, p.registration,
+            p.plugins_registry_dir)
 
 
 def _noop_handler(signum: int, frame: object) -> None:

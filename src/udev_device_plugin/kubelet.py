@@ -46,14 +46,23 @@ SOCKET_PREFIX = "udevdp-"
 _MAX_SOCKET_PATH = 107
 _DRAIN_POLL = 0.005
 
-SERVER_OPTIONS = [
-    # Notice a kubelet that hangs without closing the connection.
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 10000),
-    ("grpc.http2.ping_timeout_ms", 10000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-]
+# A ping unanswered this long closes the kubelet's connection (at most the keepalive interval).
+KEEPALIVE_TIMEOUT = 10.0
+
+
+def server_options(keepalive: float = 30.0) -> List[Tuple[str, int]]:
+    """Our servers' options: a ping every ``keepalive`` seconds on each kubelet connection notices a
+    kubelet that hangs without closing it (its stream ends, and the resource registers again)."""
+    timeout_ms = int(min(KEEPALIVE_TIMEOUT, keepalive) * 1000)
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ]
+
+
 # Our own client channels (Register, the watchdog's probe) keep their connections to themselves: in
 # grpc's shared subchannel pool, a connection to a kubelet that went away could outlive the channel.
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
@@ -115,7 +124,8 @@ class Endpoint:
             opened=lambda stream: connector.feed(name, registration.StreamOpened(seq, stream)),
             ended=lambda stream, by_us, why: connector.feed(name, registration.StreamEnded(seq, stream, by_us, why)))
         self.servicer = DevicePluginServicer(plugin.state, hooks, connector.runner, connector.prestarts)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+        self.server = grpc.aio.server(options=server_options(connector.keepalive),
+                                      maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         handlers = [self.servicer.handler(), StatusServicer(plugin.state, plugin.status, __version__).handler()]
         if via == registration.PLUGIN_WATCHER:
             handlers.append(WatcherRegistration(plugin, self, connector).handler())
@@ -257,7 +267,7 @@ class KubeletConnector:
 
     def __init__(self, kubelet_dir: str, runner: commands.Runner, prestarts: PrestartLimit,
                  on_change: Callable[[str], None], fatal: Callable[[str], None],
-                 register_timeout: float = 5.0, backoff_max: float = 10.0,
+                 register_timeout: float = 5.0, backoff_max: float = 10.0, keepalive: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
                  stream_timeout: float = registration.STREAM_TIMEOUT,
                  paths: Tuple[str, ...] = (registration.KUBELET_SOCKET_PATH,),
@@ -276,6 +286,7 @@ class KubeletConnector:
         self.fatal = fatal
         self.register_timeout = register_timeout
         self.backoff_max = backoff_max
+        self.keepalive = keepalive
         self.stream_timeout = stream_timeout
         self.clock = clock
         self.loop = asyncio.get_event_loop()

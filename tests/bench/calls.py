@@ -1,7 +1,8 @@
 """Calls and idleness (issues 9 and 13): Allocate sequential p50/p99 and server CPU per call (utime+stime of
 the server process over its calls) for the daemon with 1 resource and with 40 (calls spread over the 40
 sockets), next to the "Python floor" — a bare grpcio server answering Allocate with a constant
-pre-serialized reply, both as a 16-thread grpc.server and as grpc.aio — in interleaved rounds; the same
+pre-serialized reply, both as a 16-thread grpc.server and as grpc.aio — and, as a reference beside it, the
+bare grpc.aio server with the gRPC settings ``serve`` gives itself (entry.py), in interleaved rounds; the same
 while a rogue local client holds 200 idle ListAndWatch streams over the 40 sockets; RSS idle; and
 ListAndWatch messages and wake-ups (every thread's context switches) per second over an idle window.
 Prints figures; asserts nothing.
@@ -14,17 +15,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 from tests.bench import common
 from tests.bench.common import BARE_KINDS, Bare, Figures, Report, Serve, Target, channel, note, raw, rss_mib
 from tests.hotplug.loopscale import LeanKubelet
 from udev_device_plugin import api
+from udev_device_plugin.config import PluginConfig
 
 RESOURCES = 40
 ROGUE_STREAMS = 200
 IDLE_SETTLE = 10.0
-IDLE_WINDOW = 5.0
+# One keepalive period: the ping on each kubelet connection (how a hung kubelet is noticed) falls in
+# the window once, as in any stretch of that length.
+IDLE_WINDOW = PluginConfig().kubelet_keepalive
+LONG_KEEPALIVE = 300
 ROUNDS = 5
 PER_ROUND = 1000
 BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
@@ -37,6 +42,8 @@ MEM = "subsystem = mem\nkernel = null zero full\n"
 ONE_CONFIG = f"[plugin]\nlog_level = warning\n\n[resource {ONE}]\n{MEM}"
 MANY = [f"example.com/r{i:02d}" for i in range(RESOURCES)]
 MANY_CONFIG = "[plugin]\nlog_level = warning\n\n" + "".join(f"[resource {n}]\n{MEM}\n" for n in MANY)
+MANY_LONG_CONFIG = MANY_CONFIG.replace("[plugin]\n", f"[plugin]\nkubelet_keepalive = {LONG_KEEPALIVE}\n", 1)
+MANY_LONG = f"daemon, {RESOURCES} resources, kubelet_keepalive = {LONG_KEEPALIVE}"
 # What the kubelet sends for a container asking for one device.
 REQUEST = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])]
                               ).SerializeToString()
@@ -81,12 +88,16 @@ def run(report: Report) -> None:
         k40 = LeanKubelet(os.path.join(tmp, "dp40")).start()
         one = Serve(os.path.join(tmp, "etc1"), ONE_CONFIG, k1.directory)
         many = Serve(os.path.join(tmp, "etc40"), MANY_CONFIG, k40.directory)
+        # Only idle, for the window below: a node with many resources may ping its kubelet less often.
+        k40l = LeanKubelet(os.path.join(tmp, "dp40l")).start()
+        many_long = Serve(os.path.join(tmp, "etc40l"), MANY_LONG_CONFIG, k40l.directory)
         bares: Dict[str, Bare] = {}
         channels = []
         rogue = None
         try:
             wait_lists(k1, [ONE], one)
             wait_lists(k40, MANY, many)
+            wait_lists(k40l, MANY, many_long)
             ch1 = channel(k1.client(ONE).path)
             channels.append(ch1)
             reply = raw(ch1)(REQUEST, timeout=30)  # the bare servers answer with exactly our bytes
@@ -135,7 +146,8 @@ def run(report: Report) -> None:
             report(f"RSS idle: daemon, {RESOURCES} resources / {BARE_MANY}",
                    rss_mib(many.pid) / rss_mib(bare_many.pid), "x")
 
-            idle(report, k1, k40, one, many, bares)
+            idle(report, {"daemon, 1 resource": (k1, one), f"daemon, {RESOURCES} resources": (k40, many),
+                          MANY_LONG: (k40l, many_long)}, bares)
             rogue = streams(report, tmp, k40, many, bares, targets, got, references)
         finally:
             if rogue is not None:
@@ -146,13 +158,13 @@ def run(report: Report) -> None:
                 ch.close()
             for server in bares.values():
                 server.stop()
-            one.stop()
-            many.stop()
-            k1.stop()
-            k40.stop()
+            for daemon in (one, many, many_long):
+                daemon.stop()
+            for kubelet in (k1, k40, k40l):
+                kubelet.stop()
 
 
-def idle(report: Report, k1: LeanKubelet, k40: LeanKubelet, one: Serve, many: Serve, bares: Dict[str, Bare]) -> None:
+def idle(report: Report, daemons: Dict[str, Tuple[LeanKubelet, Serve]], bares: Dict[str, Bare]) -> None:
     """One window for every process at once: nobody calls; the kubelets hold their streams.
 
     The window opens IDLE_SETTLE after the last call: grpc's event engine retires the worker threads
@@ -160,16 +172,14 @@ def idle(report: Report, k1: LeanKubelet, k40: LeanKubelet, one: Serve, many: Se
     163 wake-ups/s in the first 5 s after 2,000 calls over 40 sockets, 7-9/s from then on; bare
     servers alike).  What is measured is what a node pays while nobody calls."""
     time.sleep(IDLE_SETTLE)  # a settling period before the window, not a synchronisation
-    pids = {"daemon, 1 resource": one.pid, f"daemon, {RESOURCES} resources": many.pid,
-            **{kind: b.pid for kind, b in bares.items()}}
-    messages = sum(k1.messages.values()), sum(k40.messages.values())
+    pids = {**{name: daemon.pid for name, (_, daemon) in daemons.items()}, **{kind: b.pid for kind, b in bares.items()}}
+    messages = {name: sum(kubelet.messages.values()) for name, (kubelet, _) in daemons.items()}
     before = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
     time.sleep(IDLE_WINDOW)  # the idle window being measured, not a synchronisation
     after = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
-    report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, daemon with 1 resource",
-           sum(k1.messages.values()) - messages[0], "messages")
-    report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, daemon with {RESOURCES} resources",
-           sum(k40.messages.values()) - messages[1], "messages")
+    for name, (kubelet, _) in daemons.items():
+        report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, {name}",
+               sum(kubelet.messages.values()) - messages[name], "messages")
     for name, pid in pids.items():
         report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}",
                (after[name][0] - before[name][0]) / IDLE_WINDOW, "per s")

@@ -98,6 +98,9 @@ def test_documented_resource_default_written_out_changes_nothing(key, needs):
     ("register_timeout", "2.5", "register_timeout", 2.5),
     ("register_timeout", "60", "register_timeout", 60.0),
     ("register_timeout", "0.001", "register_timeout", 0.001),
+    ("kubelet_keepalive", "1", "kubelet_keepalive", 1.0),
+    ("kubelet_keepalive", "2.5", "kubelet_keepalive", 2.5),
+    ("kubelet_keepalive", "3600", "kubelet_keepalive", 3600.0),
     ("register_backoff_max", "300", "register_backoff_max", 300.0),
     ("register_backoff_max", "1e1", "register_backoff_max", 10.0),
 ])
@@ -123,6 +126,12 @@ def test_plugin_key_parsed(key, value, attr, expected):
     ("register_timeout", "nan", "greater than 0 and at most 60"),
     ("register_timeout", "inf", "greater than 0 and at most 60"),
     ("register_timeout", "5s", "greater than 0 and at most 60"),
+    ("kubelet_keepalive", "0.999", "from 1 to 3600"),
+    ("kubelet_keepalive", "0", "from 1 to 3600"),
+    ("kubelet_keepalive", "3601", "from 1 to 3600"),
+    ("kubelet_keepalive", "nan", "from 1 to 3600"),
+    ("kubelet_keepalive", "-inf", "from 1 to 3600"),
+    ("kubelet_keepalive", "30s", "from 1 to 3600"),
     ("register_backoff_max", "301", "greater than 0 and at most 300"),
     ("register_backoff_max", "0", "greater than 0 and at most 300"),
 ])
