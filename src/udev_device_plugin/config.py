@@ -352,13 +352,15 @@ def _globs(c: _Collector, section: str, key: str, value: str) -> Tuple[str, ...]
     return words
 
 
-def _number(c: _Collector, section: str, key: str, value: str, lo: float, hi: float) -> Optional[float]:
+def _number(c: _Collector, section: str, key: str, value: str, lo: float, hi: float,
+            lo_included: bool = False) -> Optional[float]:
     try:
         num = float(value)
     except ValueError:
         num = float("nan")
-    if not (lo < num <= hi):
-        c.error(section, key, value, f"accepted: a number of seconds greater than {lo:g} and at most {hi:g}")
+    if not ((lo <= num if lo_included else lo < num) and num <= hi):
+        accepted = f"from {lo:g} to {hi:g}" if lo_included else f"greater than {lo:g} and at most {hi:g}"
+        c.error(section, key, value, f"accepted: a number of seconds {accepted}")
         return None
     return num
 
@@ -465,15 +467,9 @@ def _parse_plugin(c: _Collector, section: str, items: Mapping[str, str], into: D
             if num is not None:
                 into[key] = num
         elif key == "kubelet_keepalive":
-            try:
-                num = float(value)
-            except ValueError:
-                num = float("nan")
-            if KEEPALIVE_MIN <= num <= KEEPALIVE_MAX:
+            num = _number(c, section, key, value, KEEPALIVE_MIN, KEEPALIVE_MAX, lo_included=True)
+            if num is not None:
                 into[key] = num
-            else:
-                c.error(section, key, value,
-                        f"accepted: a number of seconds from {KEEPALIVE_MIN:g} to {KEEPALIVE_MAX:g}")
         elif key == "health_workers":
             workers = _whole(c, section, key, value, 1, 1024)
             if workers is not None:

@@ -126,16 +126,8 @@ def run(report: Report) -> None:
             got = common.interleaved(targets, ROUNDS, PER_ROUND)
             common.report_calls(report, "Allocate", got, list(BARE_KINDS), references)
             if BARE_SET in got:
-                one_name, b = "daemon, 1 resource", got[BARE_SET]
-                report(f"Allocate: {one_name} / {BARE_SET}, p99",
-                       common.percentile(got[one_name].latencies, 99) / common.percentile(b.latencies, 99), "x")
-                report(f"Allocate: {one_name} / {BARE_SET}, CPU per call",
-                       got[one_name].cpu_per_call_us / b.cpu_per_call_us, "x")
-            many_name, b = f"daemon, {RESOURCES} resources", got[BARE_MANY]
-            report(f"Allocate: {many_name} / {BARE_MANY}, p99",
-                   common.percentile(got[many_name].latencies, 99) / common.percentile(b.latencies, 99), "x")
-            report(f"Allocate: {many_name} / {BARE_MANY}, CPU per call",
-                   got[many_name].cpu_per_call_us / b.cpu_per_call_us, "x")
+                ratios(report, got, "daemon, 1 resource", BARE_SET)
+            ratios(report, got, f"daemon, {RESOURCES} resources", BARE_MANY)
 
             for kind, server in bares.items():
                 report(f"RSS idle: {kind} (after its calls)", rss_mib(server.pid), "MiB")
@@ -162,6 +154,14 @@ def run(report: Report) -> None:
                 daemon.stop()
             for kubelet in (k1, k40, k40l):
                 kubelet.stop()
+
+
+def ratios(report: Report, got: Dict[str, Figures], name: str, reference: str) -> None:
+    """Allocate p99 and CPU per call of ``name`` over those of ``reference`` (a bare server that is not a floor)."""
+    f, b = got[name], got[reference]
+    report(f"Allocate: {name} / {reference}, p99",
+           common.percentile(f.latencies, 99) / common.percentile(b.latencies, 99), "x")
+    report(f"Allocate: {name} / {reference}, CPU per call", f.cpu_per_call_us / b.cpu_per_call_us, "x")
 
 
 def idle(report: Report, daemons: Dict[str, Tuple[LeanKubelet, Serve]], bares: Dict[str, Bare]) -> None:
