@@ -213,8 +213,8 @@ PLUGIN_KEYS: Dict[str, Tuple[str, str]] = {
     "events": ("auto", "where device events go: journal, stderr, or auto (journal if running)"),
     "register_timeout": ("5", "seconds to wait for the kubelet to answer Register"),
     "register_backoff_max": ("10", "longest wait, in seconds, between failed Register attempts"),
-    "kubelet_keepalive": ("30", "seconds between the pings on each kubelet connection that notice a kubelet "
-                          "that hangs without closing it, 1-3600"),
+    "kubelet_keepalive": ("30", "seconds between the checks, while a resource is registered, that the kubelet "
+                          "answers on kubelet.sock (noticing one that hangs without closing anything), 1-3600"),
     "ready_timeout": ("15", "seconds systemd's READY=1 waits for the kubelet to accept every registration"),
     "health_workers": ("8", "how many health_command runs at once, 1-1024"),
     "strict_permissions": ("yes", "refuse config files and directories others than root may write (main file only)"),
@@ -441,7 +441,7 @@ def _annotation_key(name: str) -> bool:
     return len(parts) == 1 and len(name) <= 63 and bool(_QUALIFIED_NAME.match(name))
 
 
-# kubelet_keepalive's bounds: each ping wakes a few threads, once per kubelet connection.
+# kubelet_keepalive's bounds: each check is one short connection to kubelet.sock.
 KEEPALIVE_MIN, KEEPALIVE_MAX = 1.0, 3600.0
 # [plugin] keys that are a number of seconds, with their upper bound.
 _PLUGIN_SECONDS = {"register_timeout": 60.0, "register_backoff_max": 300.0, "ready_timeout": 3600.0}

@@ -450,6 +450,11 @@ class Daemon:
             assert self.connector is not None
             await self.connector.close()
             self.connector = self._new_connector()
+        elif new.plugin.kubelet_keepalive != old.plugin.kubelet_keepalive:
+            assert self.connector is not None
+            log.info("kubelet_keepalive changed: checking that the kubelet answers every %g s",
+                     new.plugin.kubelet_keepalive)
+            self.connector.set_keepalive(new.plugin.kubelet_keepalive)
         wanted = {r.name: r for r in new.resources}
         for name in list(self.states):
             if name not in wanted:
@@ -703,8 +708,7 @@ def _registration_paths(setting: str) -> Tuple[str, ...]:
 def _connector_settings(cfg: config.Config) -> Tuple[object, ...]:
     """What the kubelet side is built with: a change rebuilds it (every resource served afresh)."""
     p = cfg.plugin
-    return (p.kubelet_dir, p.register_timeout, p.register_backoff_max, p.kubelet_keepalive, p.registration,
-            p.plugins_registry_dir)
+    return (p.kubelet_dir, p.register_timeout, p.register_backoff_max, p.registration, p.plugins_registry_dir)
 
 
 def _noop_handler(signum: int, frame: object) -> None:

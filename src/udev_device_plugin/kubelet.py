@@ -11,10 +11,15 @@ each resource's state machine.  It turns what it sees into registration events:
 - a ListAndWatch stream opened or ended on our socket     -> StreamOpened / StreamEnded
 - Register answered                                        -> Answered
 - the socket directory lost or back                        -> DirectoryLost / DirectoryBack
+- the kubelet silent on kubelet.sock, or answering again   -> KubeletSilent / KubeletAnswers
 
 Everything runs on the daemon's event loop; nothing polls, except the short, bounded wait
 for the kubelet to close an ended stream's connection before a re-registration
-(kubernetes#121994), which reads /proc/net/unix every few milliseconds for at most a second.
+(kubernetes#121994), which reads /proc/net/unix every few milliseconds for at most a second,
+and the check every ``kubelet_keepalive`` seconds, while a resource has the kubelet's stream,
+that the kubelet still answers (:func:`kubelet_answers`): one connection for the whole kubelet,
+where keepalive pings on each resource's connection woke grpc's threads ~11 times per
+connection and round.
 """
 
 from __future__ import annotations
@@ -46,21 +51,61 @@ SOCKET_PREFIX = "udevdp-"
 _MAX_SOCKET_PATH = 107
 _DRAIN_POLL = 0.005
 
-# A ping unanswered this long closes the kubelet's connection (at most the keepalive interval).
+# The kubelet silent this long on kubelet.sock hangs (at most the check's interval).
 KEEPALIVE_TIMEOUT = 10.0
 
+# Our servers' options.  Whether the kubelet answers is checked once for the whole kubelet, on
+# kubelet.sock (a hang stops all of its connections alike), so our servers ping only as rarely as
+# grpc's own default for servers, every 2 hours: a backstop that closes a connection a kubelet has
+# left unanswered that long.  (INT_MAX, grpc's "never", measured two more wake-ups a second than this
+# on grpcio 1.85.)
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2 * 3600 * 1000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
 
-def server_options(keepalive: float = 30.0) -> List[Tuple[str, int]]:
-    """Our servers' options: a ping every ``keepalive`` seconds on each kubelet connection notices a
-    kubelet that hangs without closing it (its stream ends, and the resource registers again)."""
-    timeout_ms = int(min(KEEPALIVE_TIMEOUT, keepalive) * 1000)
-    return [
-        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
-        ("grpc.http2.ping_timeout_ms", timeout_ms),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    ]
+# The HTTP/2 client connection preface (RFC 9113 3.4) with an empty SETTINGS frame; a GOAWAY (no
+# error) to leave.  A server's first frame on a connection is its SETTINGS.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
+_H2_GOAWAY = bytes((0, 0, 8, 7, 0, 0, 0, 0, 0)) + bytes(8)
+_H2_SETTINGS = 4
+_H2_ACK = 1
+# How long a check waits, once answered, for the server to close after our GOAWAY.
+_LEAVE_TIMEOUT = 1.0
+
+
+async def _read_to_end(reader: asyncio.StreamReader, limit: int = 1 << 16) -> None:
+    while limit > 0:
+        data = await reader.read(min(limit, 4096))
+        if not data:
+            return
+        limit -= len(data)
+
+
+async def kubelet_answers(path: str) -> None:
+    """Return once the gRPC server on the socket ``path`` answers a new connection: its HTTP/2
+    SETTINGS frame, which the kubelet's transport writes the moment it accepts.  No call is made,
+    so the kubelet logs nothing and no ping policy applies.  Raises OSError when the connection
+    fails or closes first, ValueError when something that is not an HTTP/2 server answers."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(_H2_PREFACE)
+        try:
+            header = await reader.readexactly(9)
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError(errno.ECONNRESET, "the connection was closed before an answer") from None
+        if header[3] != _H2_SETTINGS or header[4] & _H2_ACK:
+            raise ValueError(f"not an HTTP/2 server: its first frame is of type {header[3]}")
+        # Leave as a client does: GOAWAY, our end shut, and what the server still sends read until it
+        # closes (closing a UNIX socket with unread data resets the peer, which grpc-go would log).
+        writer.write(_H2_GOAWAY)
+        writer.write_eof()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(_read_to_end(reader), _LEAVE_TIMEOUT)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 # Our own client channels (Register, the watchdog's probe) keep their connections to themselves: in
@@ -124,7 +169,7 @@ class Endpoint:
             opened=lambda stream: connector.feed(name, registration.StreamOpened(seq, stream)),
             ended=lambda stream, by_us, why: connector.feed(name, registration.StreamEnded(seq, stream, by_us, why)))
         self.servicer = DevicePluginServicer(plugin.state, hooks, connector.runner, connector.prestarts)
-        self.server = grpc.aio.server(options=server_options(connector.keepalive),
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
                                       maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         handlers = [self.servicer.handler(), StatusServicer(plugin.state, plugin.status, __version__).handler()]
         if via == registration.PLUGIN_WATCHER:
@@ -297,6 +342,8 @@ class KubeletConnector:
         self.kubelet_restarts = 0  # kubelet.sock creations seen (metrics)
         self._tasks: set = set()
         self._closed = False
+        self.silent_since: Optional[float] = None  # the kubelet stopped answering on kubelet.sock then
+        self._checker: Optional[asyncio.Future] = None
 
     def watched(self, via: str) -> Optional[Watched]:
         return self.registry if via == registration.PLUGIN_WATCHER else self.sockets
@@ -314,6 +361,17 @@ class KubeletConnector:
         self.loop.add_reader(self.inotify.fileno(), self.handle_inotify)
         for watched in self._all_watched():
             self._check_directory(watched, initial=True)
+        self._checker = self._spawn(self._check_kubelet())
+
+    def set_keepalive(self, keepalive: float) -> None:
+        """A reload changed kubelet_keepalive: check at the new interval from now on (nothing is
+        registered again: the setting is not part of any registration)."""
+        if keepalive == self.keepalive:
+            return
+        self.keepalive = keepalive
+        if self._checker is not None and not self._closed:
+            self._checker.cancel()
+            self._checker = self._spawn(self._check_kubelet())
 
     async def close(self) -> None:
         self._closed = True
@@ -440,10 +498,11 @@ class KubeletConnector:
             plugin.drain.cancel()
         plugin.drain = self.loop.call_later(_DRAIN_POLL, check)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Future:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _register_call(self, plugin: Plugin, seq: int, attempt: int) -> None:
         endpoint = plugin.endpoints.get(seq)
@@ -470,6 +529,62 @@ class KubeletConnector:
         self.feed(plugin.name, registration.Answered(attempt, ok, why))
 
     # --- what the kubelet is doing ---------------------------------------------------------------
+
+    def _kubelet_socket(self) -> Optional[str]:
+        """Where to reach kubelet.sock now (through our descriptor of the socket directory); None if absent."""
+        if self.sockets is None:
+            return os.path.join(self.kubelet_dir, KUBELET_SOCKET) if self.kubelet_present() else None
+        return self.sockets.dir.at(KUBELET_SOCKET) if self.kubelet() is not None else None
+
+    async def _check_kubelet(self) -> None:
+        """Every ``keepalive`` seconds while a resource has the kubelet's stream: does the kubelet answer?
+
+        One connection at a time.  One unanswered within KEEPALIVE_TIMEOUT makes the streaming resources
+        STALLED; the same connection then waits on, and its answer (the kubelet runs again) makes them
+        REGISTERED at once.  A refused or closed connection changes nothing: a kubelet that stopped or
+        restarted closed its streams too, and those say so.
+        """
+        while True:
+            await asyncio.sleep(self.keepalive)
+            timeout = min(KEEPALIVE_TIMEOUT, self.keepalive)
+            if not any(p.reg.state in registration.STREAMING for p in self.plugins.values()):
+                continue
+            path = self._kubelet_socket()
+            if path is None:
+                continue
+            check = asyncio.ensure_future(kubelet_answers(path))
+            try:
+                done, _ = await asyncio.wait({check}, timeout=timeout)
+                if not done:
+                    self._kubelet_silent(f"the kubelet has not answered on {KUBELET_SOCKET} for {timeout:g} s "
+                                         "(stopped or hung?)")
+                    await asyncio.wait({check})
+                check.result()
+            except (OSError, ValueError) as exc:
+                log.debug("checking that the kubelet answers on %s: %s", KUBELET_SOCKET, exc)
+                continue
+            finally:
+                check.cancel()
+            self._kubelet_answers()
+
+    def _kubelet_silent(self, why: str) -> None:
+        self.silent_since = self.clock()
+        stalled = [name for name, p in self.plugins.items() if p.reg.state is State.REGISTERED]
+        log.warning("%s: %d resource(s) no longer count as registered until it answers; their streams are kept",
+                    why, len(stalled))
+        for name in stalled:
+            self.feed(name, registration.KubeletSilent(why))
+
+    def _kubelet_answers(self) -> None:
+        if self.silent_since is None:
+            return
+        silent = self.clock() - self.silent_since
+        self.silent_since = None
+        back = [name for name, p in self.plugins.items() if p.reg.state is State.STALLED]
+        log.info("the kubelet answers on %s again, after %.1f s; %d resource(s) registered again", KUBELET_SOCKET,
+                 silent, len(back))
+        for name in back:
+            self.feed(name, registration.KubeletAnswers())
 
     def kubelet(self) -> Optional[registration.KubeletId]:
         """kubelet.sock now: its inode and how many times we saw it created; None when absent."""

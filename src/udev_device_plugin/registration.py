@@ -21,6 +21,12 @@ What the kubelet does that shapes it (KUBELET.md):
   ``drain_timeout``); only then does the new Register go out.  Needless re-registrations
   are avoided altogether: the kubelet is identified by kubelet.sock's inode and the create
   events seen, which a chmod does not change.
+- A kubelet can hang without closing anything (SIGSTOP, a frozen cgroup, a paused VM, a
+  deadlock): its stream stays open but nobody reads it.  The driver checks every
+  ``kubelet_keepalive`` seconds that the kubelet answers on kubelet.sock; while it does not, a
+  registered resource is STALLED (not registered, its stream kept), and REGISTERED again as soon
+  as the kubelet answers: a kubelet that was only paused has lost nothing, and registering
+  again would only churn its device manager.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class State(enum.Enum):
     REGISTERING = "registering"
     CONNECTING = "registered, waiting for the kubelet's ListAndWatch stream"
     REGISTERED = "registered"
+    STALLED = "registered, but the kubelet does not answer"
     DRAINING = "ending the old stream before registering again"
     BACKOFF = "not registered, retrying"
 
@@ -217,8 +224,19 @@ class Reregister(_Value):
     why: str
 
 
+class KubeletSilent(_Value):
+    """The kubelet did not answer on kubelet.sock in time (``why`` says how long): it hangs."""
+
+    why: str
+
+
+class KubeletAnswers(_Value):
+    """The kubelet answers on kubelet.sock (again)."""
+
+
 Event = Union[Start, KubeletAppeared, KubeletGone, SocketGone, DirectoryLost, DirectoryBack, InfoRequested,
-              ServeFailed, Answered, StreamOpened, StreamEnded, Drained, Tick, Verify, Reregister]
+              ServeFailed, Answered, StreamOpened, StreamEnded, Drained, Tick, Verify, Reregister, KubeletSilent,
+              KubeletAnswers]
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -320,7 +338,7 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
             reg.endpoint, reg.offered = 0, False
             reg.stream = reg.early_stream = None
             reg.stream_since = None
-            if reg.state is State.REGISTERED:
+            if reg.state in STREAMING:
                 _log(env, logging.INFO, f"{reg.resource}: our socket was removed (kubelet restart?); "
                      "serving on a new one")
             if reg.state is State.DRAINING:
@@ -372,14 +390,23 @@ def step(reg: Registration, event: Event, env: Env) -> List[Action]:
             reg.backoff = FIRST_RETRY
             _register(reg, env, "asked to check the registration (SIGUSR1)")
     elif isinstance(event, Reregister):
-        if reg.state in (State.REGISTERING, State.CONNECTING, State.REGISTERED, State.DRAINING):
+        if reg.state in _WITH_KUBELET:
             _register(reg, env, event.why)
+    elif isinstance(event, KubeletSilent):
+        if reg.state is State.REGISTERED:
+            _enter(reg, env, State.STALLED, f"{event.why}; its ListAndWatch stream is kept, and the resource "
+                   "counts as registered again once the kubelet answers")
+    elif isinstance(event, KubeletAnswers):
+        if reg.state is State.STALLED:
+            _enter(reg, env, State.REGISTERED)
     else:  # pragma: no cover
         raise TypeError(f"unknown event {event!r}")
     return env.actions
 
 
-_WITH_KUBELET = (State.REGISTERING, State.CONNECTING, State.REGISTERED, State.DRAINING)
+# States with the kubelet's stream open (STALLED: the kubelet does not read it now).
+STREAMING = (State.REGISTERED, State.STALLED)
+_WITH_KUBELET = (State.REGISTERING, State.CONNECTING, State.DRAINING) + STREAMING
 
 
 def _enter(reg: Registration, env: Env, state: State, reason: str = "",
@@ -509,7 +536,7 @@ def _info_requested(reg: Registration, event: InfoRequested, env: Env) -> None:
     why = "the kubelet's plugin watcher took our socket; waiting for its registration status"
     if reg.state is State.REGISTERING:
         _enter(reg, env, State.REGISTERING, why, env.now + env.stream_timeout)
-    elif reg.state in (State.BACKOFF, State.DRAINING, State.CONNECTING, State.REGISTERED):
+    elif reg.state in (State.BACKOFF, State.DRAINING, State.CONNECTING) + STREAMING:
         # A kubelet (restarted) found the socket again by itself: this is its registration.
         reg.attempt += 1
         reg.stream = reg.early_stream = None
@@ -565,7 +592,7 @@ def _stream_ended(reg: Registration, event: StreamEnded, env: Env) -> None:
     held = env.now - (reg.stream_since if reg.stream_since is not None else env.now)
     reg.stream, reg.stream_since = None, None
     if event.by_us:
-        if reg.state is State.REGISTERED:  # not through a drain or a retirement: no stream, no registration
+        if reg.state in STREAMING:  # not through a drain or a retirement: no stream, no registration
             _register(reg, env, "our end of the stream was closed")
         return  # draining or retiring: whoever ended it goes on from there
     if held >= STABLE_AFTER:

@@ -42,13 +42,13 @@ import sys, time
 from concurrent import futures
 import grpc
 sys.path.insert(0, sys.argv[2])
-from udev_device_plugin.kubelet import server_options
+from udev_device_plugin.kubelet import SERVER_OPTIONS
 def echo(request, context):
     return request
 handler = grpc.method_handlers_generic_handler("bench.Bare", {
     "Echo": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)})
 # The same thread pool and options as the daemon's servers.
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=server_options())
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
 server.add_generic_rpc_handlers((handler,))
 server.add_insecure_port("unix:" + sys.argv[1])
 server.start()

@@ -6,9 +6,12 @@ these scenarios need (each start takes about 6 s).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import statistics
+
+from udev_device_plugin.kubelet import kubelet_answers
 
 from . import helpers as h
 from . import node as nodelib
@@ -115,3 +118,51 @@ def test_daemon_started_before_the_kubelet(node, start_daemon, pods, say):
     name = node.add_pod("first", {h.MEM: 2})
     node.wait_running(name)
     assert len([p for p in node.report(name).devices if p.startswith("/dev/udevdp/")]) == 2
+
+
+def test_a_stopped_kubelet_is_noticed_and_counts_again_once_it_runs(node, start_daemon, pods, say):
+    """SIGSTOP, as a frozen cgroup or a paused VM leaves a kubelet: nothing is closed, nothing answers.
+    The daemon's check on kubelet.sock notices it (the resource is stalled, not registered); after
+    SIGCONT the same stream counts again at once, with no new registration, and the kubelet still
+    admits a pod with our device.  The check itself leaves nothing in the kubelet's log."""
+    started = h.now()
+    daemon = start_daemon(h.config("kubelet_keepalive = 1\n", h.mem_section()))
+    h.ready(node, {h.MEM: MEM_IDS}, started, daemon.log())
+    endpoint = h.current_endpoint(node, h.MEM)
+    assert node.kubelet is not None
+    kubelet = node.kubelet
+    before = h.cli_inspect(node)
+    assert before["registered"] and before["registrations"] == 1, before
+    logged = len(kubelet.lines())
+
+    kubelet.process.send(signal.SIGSTOP)
+    stopped = h.now()
+    try:
+        row = nodelib.wait_for(lambda: (lambda r: r if r["state"] == "stalled" else None)(h.cli_inspect(node)), 20,
+                               "inspect to say stalled")
+        noticed = h.now() - stopped
+        assert row["registered"] is False and "has not answered on kubelet.sock" in row["last_error"], row
+    finally:
+        kubelet.process.send(signal.SIGCONT)
+    resumed = h.now()
+    row = nodelib.wait_for(lambda: (lambda r: r if r["registered"] else None)(h.cli_inspect(node)), 20,
+                           "inspect to say registered again")
+    back = h.now() - resumed
+    say(f"SIGSTOP noticed after {noticed:.2f} s (kubelet_keepalive = 1); registered again {h.ms(back)} "
+        "after SIGCONT (the time includes `inspect`'s own start)")
+    assert row["registrations"] == 1 and row["streams_lost"] == 0, row
+    assert h.current_endpoint(node, h.MEM) == endpoint
+    assert not kubelet.find(nodelib.stream_ended_line(h.MEM), started)
+    assert "ended the ListAndWatch stream" not in daemon.log()
+    # Checks before, during and after the stop (one a second), and 50 more at once: the kubelet logged none.
+    for _ in range(50):
+        asyncio.run(asyncio.wait_for(kubelet_answers(os.path.join(node.dp, "kubelet.sock")), 10))
+    nodelib.wait_for(lambda: h.now() - resumed > 3, 10, "three more checks")
+    noise = [line.text for line in kubelet.lines()[logged:]
+             if any(word in line.text for word in ("ServerTransport", "preface", "http2Server", "GOAWAY"))]
+    assert not noise, noise
+    pods.append("after-stop")
+    name = node.add_pod("after-stop", {h.MEM: 1})
+    node.wait_running(name)
+    assert node.report(name).env["EXAMPLE_MEM_DEVICES"] in MEM_IDS
+    assert daemon.proc.poll() is None, daemon.log()

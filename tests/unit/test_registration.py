@@ -407,3 +407,75 @@ def test_watcher_only_waits_while_plugins_registry_is_unusable():
     assert w.reg.state is State.WAITING and w.reg.reason == w.registry_problem
     w.registry_problem = ""
     assert w.step(r.DirectoryBack(r.PLUGIN_WATCHER)) == [r.Serve(1, r.PLUGIN_WATCHER), r.Offer(1, 2)]
+
+
+# --- a kubelet that stops answering (KubeletSilent / KubeletAnswers) ---------------------------------
+
+def stalled(w: World) -> None:
+    w.registered()
+    assert w.step(r.KubeletSilent("the kubelet has not answered on kubelet.sock for 10 s")) == []
+    assert w.reg.state is State.STALLED and not w.reg.registered
+    assert w.reg.reason.startswith("the kubelet has not answered") and "once the kubelet answers" in w.reg.reason
+
+
+def test_a_silent_kubelet_stalls_the_registration_and_its_answer_restores_it():
+    w = World()
+    stalled(w)
+    assert w.reg.stream == 1 and w.reg.endpoint == 1  # the stream and the socket are kept
+    w.now += 60
+    assert w.step(r.KubeletAnswers()) == []
+    assert w.reg.state is State.REGISTERED and w.reg.registered and w.reg.reason == ""
+    assert w.reg.registrations == 1 and w.reg.streams_lost == 0 and w.reg.stream_since == 1000.0
+
+
+def test_silence_and_answers_change_nothing_outside_a_live_stream():
+    w = World()
+    w.step(r.Start())
+    w.step(r.Answered(1, True))
+    assert w.reg.state is State.CONNECTING
+    assert w.step(r.KubeletSilent("silent")) == [] and w.reg.state is State.CONNECTING
+    assert w.step(r.KubeletAnswers()) == [] and w.reg.state is State.CONNECTING
+    w2 = World()
+    w2.registered()
+    assert w2.step(r.KubeletAnswers()) == [] and w2.reg.state is State.REGISTERED
+
+
+def test_a_stream_ended_while_stalled_is_lost_as_any_other():
+    w = World()
+    stalled(w)
+    assert w.step(r.StreamEnded(1, 1, by_us=False, why="the connection was closed")) == [r.WatchDrain(1)]
+    assert w.reg.state is State.DRAINING and w.reg.streams_lost == 1
+    # An answer now (the kubelet that came back is a new one) does not bring the old registration back.
+    assert w.step(r.KubeletAnswers()) == [] and w.reg.state is State.DRAINING
+
+
+def test_while_stalled_a_new_kubelet_is_registered_with_after_the_drain():
+    w = World()
+    stalled(w)
+    w.kubelet = K2
+    assert w.step(r.KubeletAppeared(K2)) == [r.EndStreams(1)]
+    assert w.reg.state is State.DRAINING
+
+
+def test_while_stalled_the_same_kubelet_and_sigusr1_change_nothing():
+    w = World()
+    stalled(w)
+    assert w.step(r.KubeletAppeared(K1)) == [] and w.reg.state is State.STALLED
+    assert w.step(r.Verify()) == [] and w.reg.state is State.STALLED
+    assert w.step(r.KubeletGone()) == [] and w.reg.state is State.STALLED  # the stream decides
+
+
+def test_while_stalled_our_socket_removed_or_options_changed_register_again():
+    w = World()
+    stalled(w)
+    assert w.step(r.SocketGone(1)) == [r.Retire(1), r.Serve(2), r.Register(2, 2)]
+    assert any("our socket was removed" in entry.message for entry in w.log)
+    w2 = World()
+    stalled(w2)
+    assert w2.step(r.Reregister("the options changed")) == [r.EndStreams(1)]
+    assert w2.reg.state is State.DRAINING
+    # Our end of the stream closed (not by a drain or a retirement): no stream, no registration.
+    w3 = World()
+    stalled(w3)
+    assert w3.step(r.StreamEnded(1, 1, by_us=True)) == [r.Serve(2), r.Retire(1), r.Register(2, 2)]
+    assert w3.reg.state is State.REGISTERING
