@@ -26,10 +26,9 @@ from udev_device_plugin.config import PluginConfig
 RESOURCES = 40
 ROGUE_STREAMS = 200
 IDLE_SETTLE = 10.0
-# One keepalive period: the ping on each kubelet connection (how a hung kubelet is noticed) falls in
-# the window once, as in any stretch of that length.
+# One kubelet_keepalive period: the daemon's check that the kubelet answers on kubelet.sock (how a
+# hung kubelet is noticed) falls in the window once, as in any stretch of that length.
 IDLE_WINDOW = PluginConfig().kubelet_keepalive
-LONG_KEEPALIVE = 300
 ROUNDS = 5
 PER_ROUND = 1000
 BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
@@ -37,13 +36,13 @@ DAEMON_GRPC_ENV = common.daemon_grpc_env()
 # A reference, not the floor: the bare grpc.aio server with the gRPC settings the daemon gives itself.
 BARE_SET = "bare grpc.aio with the daemon's gRPC settings ({})".format(
     " ".join(f"{k}={v}" for k, v in DAEMON_GRPC_ENV.items()))
+HELD_ONE = "bare grpc.aio holding one ListAndWatch stream (as the kubelet holds a plugin's)"
+HELD_MANY = f"bare grpc.aio, {RESOURCES} servers, each holding one ListAndWatch stream"
 ONE = "example.com/mem"
 MEM = "subsystem = mem\nkernel = null zero full\n"
 ONE_CONFIG = f"[plugin]\nlog_level = warning\n\n[resource {ONE}]\n{MEM}"
 MANY = [f"example.com/r{i:02d}" for i in range(RESOURCES)]
 MANY_CONFIG = "[plugin]\nlog_level = warning\n\n" + "".join(f"[resource {n}]\n{MEM}\n" for n in MANY)
-MANY_LONG_CONFIG = MANY_CONFIG.replace("[plugin]\n", f"[plugin]\nkubelet_keepalive = {LONG_KEEPALIVE}\n", 1)
-MANY_LONG = f"daemon, {RESOURCES} resources, kubelet_keepalive = {LONG_KEEPALIVE}"
 # What the kubelet sends for a container asking for one device.
 REQUEST = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["null"])]
                               ).SerializeToString()
@@ -88,16 +87,13 @@ def run(report: Report) -> None:
         k40 = LeanKubelet(os.path.join(tmp, "dp40")).start()
         one = Serve(os.path.join(tmp, "etc1"), ONE_CONFIG, k1.directory)
         many = Serve(os.path.join(tmp, "etc40"), MANY_CONFIG, k40.directory)
-        # Only idle, for the window below: a node with many resources may ping its kubelet less often.
-        k40l = LeanKubelet(os.path.join(tmp, "dp40l")).start()
-        many_long = Serve(os.path.join(tmp, "etc40l"), MANY_LONG_CONFIG, k40l.directory)
         bares: Dict[str, Bare] = {}
+        held: Dict[str, Bare] = {}
         channels = []
         rogue = None
         try:
             wait_lists(k1, [ONE], one)
             wait_lists(k40, MANY, many)
-            wait_lists(k40l, MANY, many_long)
             ch1 = channel(k1.client(ONE).path)
             channels.append(ch1)
             reply = raw(ch1)(REQUEST, timeout=30)  # the bare servers answer with exactly our bytes
@@ -138,8 +134,17 @@ def run(report: Report) -> None:
             report(f"RSS idle: daemon, {RESOURCES} resources / {BARE_MANY}",
                    rss_mib(many.pid) / rss_mib(bare_many.pid), "x")
 
-            idle(report, {"daemon, 1 resource": (k1, one), f"daemon, {RESOURCES} resources": (k40, many),
-                          MANY_LONG: (k40l, many_long)}, bares)
+            # Idle references beside the floor: a device plugin always holds the kubelet's ListAndWatch
+            # stream (one per resource), and grpc.aio wakes more often with a stream open than with none.
+            held[HELD_ONE] = Bare("bare grpc.aio", os.path.join(tmp, "bare-held.sock"), reply)
+            held[HELD_MANY] = Bare("bare grpc.aio", ",".join(os.path.join(tmp, f"bare-held{i}.sock")
+                                                             for i in range(RESOURCES)), reply)
+            for server in held.values():
+                for sock in server.sock.split(","):
+                    channels.append(channel(sock))
+                    common.hold_stream(channels[-1])
+            idle(report, {"daemon, 1 resource": (k1, one), f"daemon, {RESOURCES} resources": (k40, many)},
+                 {**bares, **held})
             rogue = streams(report, tmp, k40, many, bares, targets, got, references)
         finally:
             if rogue is not None:
@@ -148,11 +153,11 @@ def run(report: Report) -> None:
                 common.stop_process(rogue)
             for ch in channels:
                 ch.close()
-            for server in bares.values():
+            for server in [*bares.values(), *held.values()]:
                 server.stop()
-            for daemon in (one, many, many_long):
+            for daemon in (one, many):
                 daemon.stop()
-            for kubelet in (k1, k40, k40l):
+            for kubelet in (k1, k40):
                 kubelet.stop()
 
 
@@ -180,9 +185,14 @@ def idle(report: Report, daemons: Dict[str, Tuple[LeanKubelet, Serve]], bares: D
     for name, (kubelet, _) in daemons.items():
         report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, {name}",
                sum(kubelet.messages.values()) - messages[name], "messages")
+    rates = {name: (after[name][0] - before[name][0]) / IDLE_WINDOW for name in pids}
     for name, pid in pids.items():
-        report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}",
-               (after[name][0] - before[name][0]) / IDLE_WINDOW, "per s")
+        report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}", rates[name], "per s")
+    for name, references in (("daemon, 1 resource", ("bare grpc.aio", HELD_ONE)),
+                             (f"daemon, {RESOURCES} resources", (BARE_MANY, HELD_MANY))):
+        for reference in references:
+            if name in rates and rates.get(reference):
+                report(f"idle: wake-ups, {name} / {reference}", rates[name] / rates[reference], "x")
     for name in pids:
         report(f"idle: CPU, {name}", (after[name][1] - before[name][1]) / IDLE_WINDOW * 100, "%")
 

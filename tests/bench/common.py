@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported
 
@@ -50,18 +50,24 @@ print("ready", flush=True)
 server.wait_for_termination()
 """
 # The same on grpc.aio, the daemon's serving model: one event loop, no worker threads.  argv[1] may name
-# several sockets (comma-separated): one server on each, as the daemon has one per resource.
+# several sockets (comma-separated): one server on each, as the daemon has one per resource.  It also
+# answers ListAndWatch with one message and holds the stream open, as every device plugin holds the
+# kubelet's (only the idle window opens one).
 BARE_AIO = r"""
 import asyncio, sys
 import grpc
 reply = bytes.fromhex(sys.argv[2])
 async def allocate(request, context):
     return reply
+async def list_and_watch(request, context):
+    yield reply
+    await asyncio.Event().wait()
 async def main():
     servers = []
     for sock in sys.argv[1].split(","):
         handler = grpc.method_handlers_generic_handler("v1beta1.DevicePlugin", {
-            "Allocate": grpc.unary_unary_rpc_method_handler(allocate)})
+            "Allocate": grpc.unary_unary_rpc_method_handler(allocate),
+            "ListAndWatch": grpc.unary_stream_rpc_method_handler(list_and_watch)})
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port("unix:" + sock)
@@ -270,6 +276,15 @@ class Serve:
 
 def channel(path: str) -> grpc.Channel:
     return grpc.insecure_channel("unix:" + path, options=CHANNEL_OPTIONS)
+
+
+def hold_stream(ch: grpc.Channel) -> Any:
+    """Open a ListAndWatch stream on ``ch`` as the kubelet does, read its first message and keep it open
+    (until the channel closes)."""
+    stream = ch.unary_stream("/v1beta1.DevicePlugin/ListAndWatch", request_serializer=None,
+                             response_deserializer=None)(b"")
+    next(stream)
+    return stream
 
 
 def raw(ch: grpc.Channel, method: str = ALLOCATE) -> Callable[..., bytes]:
