@@ -29,7 +29,7 @@ IDLE_SETTLE = 10.0
 # One kubelet_keepalive period: the daemon's check that the kubelet answers on kubelet.sock (how a
 # hung kubelet is noticed) falls in the window once, as in any stretch of that length.
 IDLE_WINDOW = PluginConfig().kubelet_keepalive
-ROUNDS = 5
+ROUNDS = 9  # interleaved: the per-round ratios pair calls seconds apart
 PER_ROUND = 1000
 BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
 DAEMON_GRPC_ENV = common.daemon_grpc_env()
@@ -167,6 +167,7 @@ def ratios(report: Report, got: Dict[str, Figures], name: str, reference: str) -
     report(f"Allocate: {name} / {reference}, p99",
            common.percentile(f.latencies, 99) / common.percentile(b.latencies, 99), "x")
     report(f"Allocate: {name} / {reference}, CPU per call", f.cpu_per_call_us / b.cpu_per_call_us, "x")
+    common.paired_report(report, "Allocate", name, reference, f, b)
 
 
 def idle(report: Report, daemons: Dict[str, Tuple[LeanKubelet, Serve]], bares: Dict[str, Bare]) -> None:

@@ -304,13 +304,32 @@ class Figures(NamedTuple):
     latencies: List[float]  # ms, sequential
     cpu: float  # server CPU seconds over ``calls`` calls
     calls: int
+    round_cpu: Tuple[float, ...] = ()  # server CPU seconds in each round
+    round_size: int = 0  # calls per round: latencies[i * round_size:(i + 1) * round_size] is round i
 
     @property
     def cpu_per_call_us(self) -> float:
         return self.cpu / self.calls * 1e6
 
+    def rounds(self) -> List[Tuple[float, List[float]]]:
+        """(server CPU seconds, latencies) of each round."""
+        n = self.round_size
+        return [(c, self.latencies[i * n:(i + 1) * n]) for i, c in enumerate(self.round_cpu)]
 
-def interleaved(targets: Sequence[Target], rounds: int = 5, per_round: int = 1000,
+
+def paired_ratios(f: Figures, b: Figures) -> Tuple[float, float]:
+    """The median over rounds of f's p99 / b's p99 and of f's CPU / b's CPU in the same round.  Rounds
+    are interleaved, so each pair ran seconds apart: this cancels the VM's drift over a run (its speed
+    varies by a third), which the ratio of the pooled figures does not."""
+    p99s, cpus = [], []
+    for (fc, fl), (bc, bl) in zip(f.rounds(), b.rounds()):
+        p99s.append(percentile(fl, 99) / percentile(bl, 99))
+        if bc > 0:
+            cpus.append(fc / bc)
+    return (statistics.median(p99s) if p99s else float("nan"), statistics.median(cpus) if cpus else float("nan"))
+
+
+def interleaved(targets: Sequence[Target], rounds: int = 5, calls_per_round: int = 1000,
                 warmup: int = 300) -> Dict[str, Figures]:
     """Sequential calls to each target in turn, ``rounds`` times, so every server sees the same machine
     (other load, frequency, caches) in turn; the server's utime+stime counted over its own rounds only."""
@@ -319,6 +338,7 @@ def interleaved(targets: Sequence[Target], rounds: int = 5, per_round: int = 100
             t.calls[i % len(t.calls)]()
     lat: Dict[str, List[float]] = {t.name: [] for t in targets}
     cpu: Dict[str, float] = {t.name: 0.0 for t in targets}
+    per_round: Dict[str, List[float]] = {t.name: [] for t in targets}
     done: Dict[str, int] = {t.name: 0 for t in targets}
     for _ in range(rounds):
         for t in targets:
@@ -326,14 +346,16 @@ def interleaved(targets: Sequence[Target], rounds: int = 5, per_round: int = 100
             c0 = cpu_seconds(t.pid)
             n = len(t.calls)
             start = done[t.name]
-            for i in range(start, start + per_round):
+            for i in range(start, start + calls_per_round):
                 call = t.calls[i % n]
                 t0 = time.perf_counter()
                 call()
                 out.append((time.perf_counter() - t0) * 1000)
-            cpu[t.name] += cpu_seconds(t.pid) - c0
-            done[t.name] += per_round
-    return {name: Figures(lat[name], cpu[name], done[name]) for name in lat}
+            spent = cpu_seconds(t.pid) - c0
+            cpu[t.name] += spent
+            per_round[t.name].append(spent)
+            done[t.name] += calls_per_round
+    return {name: Figures(lat[name], cpu[name], done[name], tuple(per_round[name]), calls_per_round) for name in lat}
 
 
 def report_calls(report: Report, what: str, got: Dict[str, Figures], floor: Sequence[str],
@@ -351,6 +373,13 @@ def report_calls(report: Report, what: str, got: Dict[str, Figures], floor: Sequ
             b = got[bare]
             report(f"{what}: {name} / {bare}, p99", percentile(f.latencies, 99) / percentile(b.latencies, 99), "x")
             report(f"{what}: {name} / {bare}, CPU per call", f.cpu_per_call_us / b.cpu_per_call_us, "x")
+            paired_report(report, what, name, bare, f, b)
+
+
+def paired_report(report: Report, what: str, name: str, bare: str, f: Figures, b: Figures) -> None:
+    p99, cpu = paired_ratios(f, b)
+    report(f"{what}: {name} / {bare}, p99, median of {len(f.round_cpu)} rounds' ratios", p99, "x")
+    report(f"{what}: {name} / {bare}, CPU per call, median of {len(f.round_cpu)} rounds' ratios", cpu, "x")
 
 
 # --- uevents, timed by a process of their own -----------------------------------------------------
