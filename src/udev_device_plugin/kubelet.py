@@ -686,9 +686,14 @@ class KubeletConnector:
             self.feed(name, registration.Verify())
             if (plugin.reg.attempt, plugin.reg.state) != before:
                 redone.append(name)
+        stalled = [name for name, plugin in self.plugins.items() if plugin.reg.state is State.STALLED]
         if redone:
             log.info("re-registering %s", ", ".join(redone))
-        else:
+        if stalled:
+            # Registering again would wait on the same kubelet that does not answer the check.
+            log.info("%s: registered, but the kubelet does not answer on %s; not registering again: the "
+                     "resource counts as registered once the kubelet answers", ", ".join(stalled), KUBELET_SOCKET)
+        if not redone and not stalled:
             log.info("every resource is registered with the current kubelet, or waiting for one; nothing to do")
         return redone
 

@@ -111,6 +111,12 @@ def test_a_kubelet_that_hangs_is_noticed_and_counts_again_once_it_answers(standi
             time.sleep(0.2)
         assert connections(kubelet_sock) == 1
         assert daemon.log().count(SILENT) == 1
+        # The path unit's SIGUSR1 meanwhile: said as it is, not "nothing to do", and no new Register.
+        os.kill(daemon.pid, signal.SIGUSR1)
+        wait_log(daemon, f"{MEM}: registered, but the kubelet does not answer on {KUBELET_SOCKET}; not registering "
+                         "again", timeout=10)
+        assert "nothing to do" not in daemon.log()
+        assert status(kubelet_dir)["state"] == "stalled"
     finally:
         os.kill(proc.pid, signal.SIGCONT)
 
