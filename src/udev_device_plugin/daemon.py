@@ -39,6 +39,10 @@ from .servicer import PrestartLimit, ResourceState
 
 log = logging.getLogger(__name__)
 
+# The gRPC settings the start line names: entry.grpc_settings sets them (entry.BACKUP_POLL is the
+# second), or the admin did.  Named here: importing entry would set GRPC_VERBOSITY in our environment.
+GRPC_LOGGED = ("GRPC_EXPERIMENTS", "GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS")
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=
@@ -770,10 +774,10 @@ def serve(config_path: str, kubelet_dir: Optional[str] = None) -> int:
         log.error("invalid configuration: not starting (%d error(s))", len(exc.messages))
         return EXIT_CONFIG
     setup_logging(daemon.cfg.plugin.log_level)
-    experiments = os.environ.get("GRPC_EXPERIMENTS")
+    settings = " ".join(f"{name}={os.environ[name]}" for name in GRPC_LOGGED if os.environ.get(name))
     log.info("udev-device-plugin starting: %d resource(s), kubelet directory %s; grpcio %s%s",
              len(daemon.cfg.resources), daemon.cfg.plugin.kubelet_dir, grpc.__version__,
-             f" (GRPC_EXPERIMENTS={experiments})" if experiments else "")
+             f" ({settings})" if settings else "")
     return daemon.run(restore_signals=False)
 
 

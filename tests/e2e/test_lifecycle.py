@@ -309,15 +309,20 @@ def _removed(path: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("admins", [None, "-event_engine_client"], ids=["ours", "the admin's"])
+@pytest.mark.parametrize("admins", [None, ("-event_engine_client", "5000")], ids=["ours", "the admin's"])
 def test_the_start_line_names_grpcio_and_the_settings_it_runs_with(kubelet, start_daemon, admins):
-    """``serve`` chooses gRPC core's own listener where its grpcio knows the switch (entry.py), says so
-    in its first line, and leaves an admin's GRPC_EXPERIMENTS as it is."""
-    env = {"GRPC_EXPERIMENTS": admins} if admins is not None else {}
+    """``serve`` chooses gRPC core's own listener where its grpcio knows the switch and turns the client
+    channels' backup poller off (entry.py), says so in its first line, and leaves an admin's own
+    GRPC_EXPERIMENTS and backup poll interval as they are."""
+    env = {"GRPC_EXPERIMENTS": admins[0], entry.BACKUP_POLL: admins[1]} if admins is not None else {}
     daemon = start_daemon(MEM_CONF, env=env)
     kubelet.wait_live(MEM, devices=3)
     release = tuple(int(part) for part in grpc.__version__.split(".")[:2])
     first, last = entry.GRPC_EXPERIMENTS_RELEASES
-    expected = admins if admins is not None else "-event_engine_listener" if first <= release <= last else None
+    if admins is not None:
+        experiments, poll = admins
+    else:
+        experiments, poll = ("-event_engine_listener" if first <= release <= last else None), "0"
+    settings = (f"GRPC_EXPERIMENTS={experiments} " if experiments else "") + f"{entry.BACKUP_POLL}={poll}"
     line = next(line for line in daemon.log().splitlines() if "udev-device-plugin starting:" in line)
-    assert line.endswith(f"; grpcio {grpc.__version__}" + (f" (GRPC_EXPERIMENTS={expected})" if expected else ""))
+    assert line.endswith(f"; grpcio {grpc.__version__} ({settings})")
