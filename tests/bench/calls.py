@@ -11,6 +11,7 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,10 @@ from udev_device_plugin.config import PluginConfig
 RESOURCES = 40
 ROGUE_STREAMS = 200
 IDLE_SETTLE = 10.0
-# One kubelet_keepalive period: the daemon's check that the kubelet answers on kubelet.sock (how a
-# hung kubelet is noticed) falls in the window once, as in any stretch of that length.
+# Windows of one kubelet_keepalive period each: the daemon's check that the kubelet answers on
+# kubelet.sock (how a hung kubelet is noticed) falls in each once, as in any stretch of that length.
 IDLE_WINDOW = PluginConfig().kubelet_keepalive
+IDLE_WINDOWS = 3
 ROUNDS = 9  # interleaved: the per-round ratios pair calls seconds apart
 PER_ROUND = 1000
 BARE_MANY = f"bare grpc.aio, {RESOURCES} servers (calls spread over them)"
@@ -171,31 +173,48 @@ def ratios(report: Report, got: Dict[str, Figures], name: str, reference: str) -
 
 
 def idle(report: Report, daemons: Dict[str, Tuple[LeanKubelet, Serve]], bares: Dict[str, Bare]) -> None:
-    """One window for every process at once: nobody calls; the kubelets hold their streams.
+    """IDLE_WINDOWS windows for every process at once: nobody calls; the kubelets hold their streams.
 
-    The window opens IDLE_SETTLE after the last call: grpc's event engine retires the worker threads
-    it started for the calls over several seconds, and until then it wakes for itself (measured:
-    163 wake-ups/s in the first 5 s after 2,000 calls over 40 sockets, 7-9/s from then on; bare
-    servers alike).  What is measured is what a node pays while nobody calls."""
-    time.sleep(IDLE_SETTLE)  # a settling period before the window, not a synchronisation
+    The first window opens IDLE_SETTLE after the last call: grpc's event engine retires the worker
+    threads it started for the calls over several seconds, and until then it wakes for itself
+    (measured: 163 wake-ups/s in the first 5 s after 2,000 calls over 40 sockets, 7-9/s from then on;
+    bare servers alike).  What is measured is what a node pays while nobody calls.  Wake-ups are the
+    median of the windows (grpc's event-engine workers alone vary by a few a second from one window to
+    the next), and are also given by thread: the daemon's own (its event loop, "python") apart from
+    grpc's."""
+    time.sleep(IDLE_SETTLE)  # a settling period before the windows, not a synchronisation
     pids = {**{name: daemon.pid for name, (_, daemon) in daemons.items()}, **{kind: b.pid for kind, b in bares.items()}}
     messages = {name: sum(kubelet.messages.values()) for name, (kubelet, _) in daemons.items()}
-    before = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
-    time.sleep(IDLE_WINDOW)  # the idle window being measured, not a synchronisation
-    after = {name: (common.context_switches(pid), common.cpu_seconds(pid)) for name, pid in pids.items()}
+    cpu = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
+    windows: Dict[str, List[Dict[str, float]]] = {name: [] for name in pids}
+    before = {name: common.switches_by_thread(pid) for name, pid in pids.items()}
+    for _ in range(IDLE_WINDOWS):
+        time.sleep(IDLE_WINDOW)  # the idle window being measured, not a synchronisation
+        after = {name: common.switches_by_thread(pid) for name, pid in pids.items()}
+        for name in pids:
+            windows[name].append({thread: (n - before[name].get(thread, 0)) / IDLE_WINDOW
+                                  for thread, n in after[name].items()})
+        before = after
+    span = IDLE_WINDOWS * IDLE_WINDOW
     for name, (kubelet, _) in daemons.items():
-        report(f"idle {IDLE_WINDOW:g} s: ListAndWatch messages, {name}",
+        report(f"idle {span:g} s: ListAndWatch messages, {name}",
                sum(kubelet.messages.values()) - messages[name], "messages")
-    rates = {name: (after[name][0] - before[name][0]) / IDLE_WINDOW for name in pids}
+    rates = {name: statistics.median(sum(w.values()) for w in got) for name, got in windows.items()}
     for name, pid in pids.items():
-        report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}", rates[name], "per s")
+        report(f"idle: wake-ups (all {common.threads(pid)} threads' context switches), {name}, "
+               f"median of {IDLE_WINDOWS} windows of {IDLE_WINDOW:g} s", rates[name], "per s")
+    for name in (*daemons, "bare grpc.aio", BARE_MANY, HELD_ONE, HELD_MANY):
+        if name in windows:
+            threads = sorted({t for w in windows[name] for t in w})
+            split = ", ".join(f"{t} {statistics.median(w.get(t, 0.0) for w in windows[name]):.2f}" for t in threads)
+            note(f"idle wake-ups per s by thread (medians), {name}: {split}")
     for name, references in (("daemon, 1 resource", ("bare grpc.aio", HELD_ONE)),
                              (f"daemon, {RESOURCES} resources", (BARE_MANY, HELD_MANY))):
         for reference in references:
             if name in rates and rates.get(reference):
                 report(f"idle: wake-ups, {name} / {reference}", rates[name] / rates[reference], "x")
-    for name in pids:
-        report(f"idle: CPU, {name}", (after[name][1] - before[name][1]) / IDLE_WINDOW * 100, "%")
+    for name, pid in pids.items():
+        report(f"idle: CPU, {name}", (common.cpu_seconds(pid) - cpu[name]) / span * 100, "%")
 
 
 def streams(report: Report, tmp: str, k40: LeanKubelet, many: Serve, bares: Dict[str, Bare],
