@@ -408,7 +408,8 @@ while True:
             dev = m.poll(timeout=0)
             if dev is None:
                 break
-            lines.append(f"{now:.6f} {source} {dev.action} {dev.sys_name}\n")
+            began = dev.properties.get("USEC_INITIALIZED", "-") if source == "udev" else "-"
+            lines.append(f"{now:.6f} {source} {dev.action} {dev.sys_name} {began}\n")
     sys.stdout.write("".join(lines))
     sys.stdout.flush()
 """
@@ -417,7 +418,9 @@ while True:
 class Uevents:
     """When each uevent of ``subsystem`` reached a process of its own: the kernel's (source ``kernel``,
     the time the kernel sent it, give or take a wake-up) and udevd's (source ``udev``, what the daemon
-    listens to).  A separate process, so that this one's GIL cannot delay the timestamps."""
+    listens to).  A separate process, so that this one's GIL cannot delay the timestamps.  With each of
+    udevd's events it keeps udevd's own USEC_INITIALIZED (CLOCK_MONOTONIC, as time.monotonic()): when
+    udevd began handling the device's first event, a time no reader's lag in a burst can move."""
 
     def __init__(self, subsystem: str = "block") -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", WATCHER, subsystem], stdin=subprocess.PIPE,
@@ -428,15 +431,18 @@ class Uevents:
             raise SystemExit("benchmark: the uevent watcher did not start")
         self.cond = threading.Condition()
         self.seen: Dict[Tuple[str, str, str], List[float]] = {}
+        self.began: Dict[Tuple[str, str], List[float]] = {}  # udevd's USEC_INITIALIZED, (action, name)
         self.thread = threading.Thread(target=self._read, name="uevents", daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            when, source, action, name = line.split()
+            when, source, action, name, began = line.split()
             with self.cond:
                 self.seen.setdefault((source, action, name), []).append(float(when))
+                if began.isdigit():
+                    self.began.setdefault((action, name), []).append(int(began) / 1e6)
                 self.cond.notify_all()
 
     def first(self, source: str, action: str, name: str, after: float, timeout: float = 10.0) -> float:
@@ -455,9 +461,20 @@ class Uevents:
     def last(self, source: str, action: str, names: Sequence[str], after: float, timeout: float = 60.0) -> float:
         return max(self.first(source, action, n, after, timeout) for n in names)
 
+    def last_began(self, action: str, names: Sequence[str], after: float, timeout: float = 60.0) -> float:
+        """The latest time udevd began one of these devices' ``action`` events (USEC_INITIALIZED), once
+        the watcher has read them all; what was initialized before ``after`` (a leftover) is left out."""
+        self.last("udev", action, names, after, timeout)
+        with self.cond:
+            times = [t for n in names for t in self.began.get((action, n), ()) if t >= after]
+        if not times:
+            raise SystemExit(f"benchmark: udevd's {action} events carried no USEC_INITIALIZED")
+        return max(times)
+
     def forget(self) -> None:
         with self.cond:
             self.seen.clear()
+            self.began.clear()
 
     def close(self) -> None:
         if self.proc.stdin is not None:
