@@ -15,8 +15,9 @@ Event times come from a watcher process of its own (common.Uevents): the kernel'
 udevd's as the daemon gets it; a burst's last add is timed by udevd's own USEC_INITIALIZED for the
 device (when udevd began its event: a time no reader's lag can move).  That figure can be negative: a
 rescan for an earlier event lists what the kernel has put in sysfs, udevd's queue notwithstanding, so
-the daemon may list the last device before udevd has begun its event.  "Pushed" is when the stand-in read the message's last byte; its own parse
-of 10,000 devices into Python objects follows, and is reported apart.  Prints figures; asserts nothing.
+the daemon may list the last device before udevd has begun its event.  "Pushed" is when the stand-in
+read the message's last byte; its own parse of 10,000 devices into Python objects follows, and is
+reported apart.  Prints figures; asserts nothing.
 Needs root and udev; run under the shared lock (`make bench`).
 """
 
