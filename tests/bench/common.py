@@ -465,11 +465,14 @@ class Uevents:
         """The latest time udevd began one of these devices' ``action`` events (USEC_INITIALIZED), once
         the watcher has read them all; what was initialized before ``after`` (a leftover) is left out."""
         self.last("udev", action, names, after, timeout)
+        latest = after
         with self.cond:
-            times = [t for n in names for t in self.began.get((action, n), ()) if t >= after]
-        if not times:
-            raise SystemExit(f"benchmark: udevd's {action} events carried no USEC_INITIALIZED")
-        return max(times)
+            for name in names:
+                times = [t for t in self.began.get((action, name), ()) if t >= after]
+                if not times:
+                    raise SystemExit(f"benchmark: udevd's {action} event of {name} carried no USEC_INITIALIZED")
+                latest = max(latest, *times)
+        return latest
 
     def forget(self) -> None:
         with self.cond:
